@@ -4,7 +4,8 @@ firing alerts on one screen.
 It reads what the operators' tools read, so it agrees with them: Ray's state (nodes, CPUs, and the service's own
 twin shard actors with how often Ray restarted each, from Ray's state API, picked by the namespace and name prefix its
 backend exports: Ray's metrics export counts actors by class and state, every service's on the cluster together, not
-their restarts), every alive node's metrics export summed (so counts are cluster-wide, as in `raytwin.metrics`), and,
+their restarts; several services' backends on the cluster: the one `--namespace` and `--store` name, never a guess),
+every alive node's metrics export summed (so counts are cluster-wide, as in `raytwin.metrics`), and,
 given ``--prometheus``, the alerts firing there (RayTwin's rules in ops/prometheus). Counters and
 the lag quantile from the export cover the life of the processes that recorded them; Prometheus
 and the dashboard give rates over windows. The shards expected to report are the service's configured count (the
@@ -139,25 +140,92 @@ def _nonzero(values: dict[str, float]) -> dict[str, int]:
     return {k: int(v) for k, v in values.items() if v}
 
 
-def _configured(samples: Samples) -> int | None:
-    """The service's configured shard count its backend exports (the highest: a replaced backend's process may
-    still be in the export); None when none does."""
-    values = [v for n, _, v in samples if n == "ray_raytwin_shards_configured"]
-    return int(max(values)) if values else None
+Service = tuple[str, str]
+"""A service on the cluster: its Ray namespace and shard-actor name prefix (`actors.routing.shard_prefix` of its
+store's twins), as its backend tags `ray_raytwin_shards_configured`; ("", "") for a backend from before the tags."""
+
+
+def exported_services(samples: Samples) -> dict[Service, int]:
+    """Each service's configured shard count as its backend exports it (the highest per service: a replaced backend's
+    process may still be in the export)."""
+    out: dict[Service, int] = {}
+    for n, labels, v in samples:
+        if n == "ray_raytwin_shards_configured":
+            key = (labels.get("namespace", ""), labels.get("prefix", ""))
+            out[key] = max(out.get(key, 0), int(v))
+    return out
+
+
+class AmbiguousService(Exception):
+    """Which service to report on is not known: several export their shards, or none the one asked for; the message
+    lists them and how to pick one."""
+
+
+def store_prefix(store_url: str) -> str:
+    """The shard-actor name prefix of the service on `store_url`: of its twins' location, as its backend names its
+    shards (`ServeConfig.url`)."""
+    from actors.routing import shard_prefix
+    from serve_apps.config import ServeConfig
+
+    return shard_prefix(ServeConfig.model_construct(store_url=store_url).url("twins"))
+
+
+def pick_service(services: dict[Service, int], namespace: str | None = None,
+                 store_url: str | None = None) -> Service | None:
+    """The service to report on: of `services` (`exported_services`), the one in `namespace` on `store_url` where
+    given (the service's `namespace` and `store_url` settings); None when no backend exports one and none was asked
+    for. Why not the one with the most shards: with two services on the cluster, status reported whichever was the
+    larger, under the other's name as far as the operator could tell."""
+    asked = {k: v for k, v in services.items() if namespace in (None, k[0])
+             and (store_url is None or k[1] == store_prefix(store_url))}
+    if len(asked) == 1:
+        return next(iter(asked))
+    if not asked and namespace is None and store_url is None:
+        return None
+    listed = "; ".join(f"namespace {ns or '?'}, shards {prefix or '?'} ({n} configured)"
+                       for (ns, prefix), n in sorted(services.items())) or "none"
+    if asked:
+        raise AmbiguousService(f"the cluster runs {len(asked)} RayTwin services ({listed}): pass --namespace and "
+                               "--store, the service's `namespace` and `store_url` settings, to say which")
+    raise AmbiguousService(f"no API backend on the cluster exports a service in namespace {namespace or 'any'} on "
+                           f"store {store_url or 'any'} (the services exported: {listed}); check --namespace and "
+                           "--store against the service's `namespace` and `store_url` settings, and that its backend "
+                           "runs (`serve status`)")
+
+
+def _configured(samples: Samples, service: Service | None) -> int | None:
+    """The configured shard count of `service` (`pick_service`); None: of the one service that exports it, where
+    one does."""
+    services = exported_services(samples)
+    if service is not None:
+        return services.get(service)
+    return next(iter(services.values())) if len(services) == 1 else None
 
 
 class StateApiUnreachable(Exception):
     """The cluster's state API (its dashboard) cannot be asked from here; the message says why."""
 
 
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+"""The dashboard address Ray's own tools (`ray list actors`, `ray job`) take over the registered one: a port-forward
+or proxy to it. Status takes it too, checked as the registered one is (`state_api_url`)."""
+
+
 def state_api_url(gcs_address: str, session_name: str, timeout_s: float = 5.0) -> str:
-    """The URL of the state API of the cluster whose GCS is at `gcs_address`: the dashboard address its head registered
-    in the GCS, as Ray's state API finds it, with a wildcard host (``--dashboard-host=0.0.0.0``) read as the head's.
-    `StateApiUnreachable` where no dashboard of that cluster (Ray session `session_name`) answers there: a head
-    without one registers 127.0.0.1:8265 all the same, as does one whose dashboard listens on its loopback only, and
-    asked there, this machine's port may be another cluster's dashboard, which would report that cluster's shards."""
+    """The URL of the state API of the cluster whose GCS is at `gcs_address`: `RAY_API_SERVER_ADDRESS` where set, as
+    Ray's tools take it, else the dashboard address its head registered in the GCS, as Ray's state API finds it, with
+    a wildcard host (``--dashboard-host=0.0.0.0``) read as the head's. `StateApiUnreachable` where no dashboard of
+    that cluster (Ray session `session_name`) answers there: a head without one registers 127.0.0.1:8265 all the
+    same, as does one whose dashboard listens on its loopback only, and asked there, this machine's port may be
+    another cluster's dashboard, which would report that cluster's shards; the variable may name another cluster's."""
+    if override := os.environ.get(API_SERVER_ENV):
+        url = override.rstrip("/") if "://" in override else f"http://{override}"
+        if not url.startswith(("http://", "https://")):
+            raise StateApiUnreachable(f"{API_SERVER_ENV}={override} is no dashboard URL: set it to the dashboard's "
+                                      "http://HOST:PORT, or unset it")
+        return _same_session(url, session_name, f" ({API_SERVER_ENV}: point it at this cluster's, or unset it)",
+                             timeout_s)
     from ray._private import ray_constants
-    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
     from ray.experimental.internal_kv import _internal_kv_get
 
     registered = _internal_kv_get(ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
@@ -175,16 +243,29 @@ def state_api_url(gcs_address: str, session_name: str, timeout_s: float = 5.0) -
         raise StateApiUnreachable(
             f"its dashboard listens on {registered.decode()} of its head ({head}) only, out of this machine's reach: "
             "run `raytwin status` on the head node, or start the head with --dashboard-host=0.0.0.0")
-    url = f"http://{host}:{port}"
+    return _same_session(f"http://{host}:{port}", session_name, ": this cluster runs none (--include-dashboard=false)",
+                         timeout_s)
+
+
+def _auth_headers() -> dict[str, str]:
+    """The headers Ray's SDK sends its dashboard (a token where the cluster requires one)."""
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+    return get_auth_headers_if_auth_enabled({})
+
+
+def _same_session(url: str, session_name: str, other: str, timeout_s: float) -> str:
+    """`url`, once the dashboard there answers as Ray session `session_name`; else `StateApiUnreachable` (`other`:
+    what to do when another cluster's answers)."""
     try:
-        answered = httpx.get(f"{url}/api/version", headers=get_auth_headers_if_auth_enabled({}),  # as Ray's SDK
+        answered = httpx.get(f"{url}/api/version", headers=_auth_headers(),
                              timeout=timeout_s).raise_for_status().json()["session_name"]
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
         raise StateApiUnreachable(f"no dashboard answers at {url} ({type(exc).__name__}): the cluster runs none "
                                   "(started with --include-dashboard=false), or it failed") from None
     if answered != session_name:
         raise StateApiUnreachable(f"the dashboard at {url} is another Ray cluster's (session {answered}, this one is "
-                                  f"{session_name}): this cluster runs none (--include-dashboard=false)")
+                                  f"{session_name}){other}")
     return url
 
 
@@ -198,21 +279,11 @@ def _this_machine(host: str) -> bool:
     return True
 
 
-def _service_of(samples: Samples) -> tuple[str, str] | None:
-    """The Ray namespace and shard-actor name prefix of the service whose backend exports its configured count (the
-    highest value's: a replaced backend's process may still be in the export); None when none exports them."""
-    exported = sorted((v, labels.get("namespace", ""), labels.get("prefix", "")) for n, labels, v in samples
-                      if n == "ray_raytwin_shards_configured")
-    return exported[-1][1:] if exported and all(exported[-1][1:]) else None
-
-
-def shard_actors(service: tuple[str, str] | None, timeout_s: int = 5) -> ShardActors | str:
-    """The shard actors not DEAD of `service` (its Ray namespace and `actors.routing.shard_prefix`: `_service_of`),
+def shard_actors(service: Service | None, timeout_s: int = 5) -> ShardActors | str:
+    """The shard actors not DEAD of `service` (its Ray namespace and `actors.routing.shard_prefix`: `pick_service`),
     from Ray's state API (the dashboard's: Ray's metrics export counts actors by state only, and every service's
     together); why not, as a phrase, when it does not answer or `service` is unknown and the cluster runs the shards
     of several services (another service's shard 1 is not this one's)."""
-    from ray.util.state import list_actors
-
     from actors.routing import shard_of
 
     context = ray.get_runtime_context()
@@ -221,18 +292,30 @@ def shard_actors(service: tuple[str, str] | None, timeout_s: int = 5) -> ShardAc
     except StateApiUnreachable as exc:
         return f"Ray's state API cannot be asked: {exc}"
     try:
-        rows = list_actors(url, filters=[("class_name", "=", "TwinShardProcess"), ("state", "!=", "DEAD")],
-                           limit=10_000, detail=True, timeout=timeout_s, raise_on_missing_output=False)
+        rows = list_shard_actors(url, timeout_s)
     except Exception as exc:  # noqa: BLE001 - the rest of the screen stands without it
         return f"Ray's state API, which its dashboard serves, did not answer at {url}: {type(exc).__name__}"
-    found = {(a.ray_namespace, *parts): a for a in rows if (parts := shard_of(a.name)) is not None}
+    found = {(a["ray_namespace"], *parts): a for a in rows if (parts := shard_of(a.get("name"))) is not None}
     services = {key[:2] for key in found}
     if service is None and len(services) > 1:
         return (f"the cluster runs the shards of {len(services)} services and no API backend exports which are its "
                 "(ray_raytwin_shards_configured)")
     ours = {key[2]: a for key, a in found.items() if service is None or key[:2] == service}
-    return ShardActors(states={i: str(a.state) for i, a in ours.items()},
-                       restarts={i: a.num_restarts for i, a in ours.items() if a.num_restarts})
+    return ShardActors(states={i: str(a["state"]) for i, a in ours.items()},  # (counts come as strings over HTTP)
+                       restarts={i: n for i, a in ours.items() if (n := int(a.get("num_restarts") or 0))})
+
+
+def list_shard_actors(url: str, timeout_s: int) -> list[dict]:
+    """The TwinShardProcess actors not DEAD, as the state API at `url` lists them (with their restarts). Asked over
+    HTTP, as `ray.util.state.list_actors` asks it, which would take `RAY_API_SERVER_ADDRESS`, else `RAY_ADDRESS`'s
+    dashboard over the address given: not the one `state_api_url` checked (another cluster's, a wildcard host)."""
+    params = {"limit": 10_000, "timeout": timeout_s, "detail": "true", "filter_keys": ["class_name", "state"],
+              "filter_predicates": ["=", "!="], "filter_values": ["TwinShardProcess", "DEAD"]}
+    body = httpx.get(f"{url}/api/v0/actors", params=params, headers=_auth_headers(),
+                     timeout=timeout_s + 5).raise_for_status().json()
+    if body.get("result") is False:
+        raise RuntimeError(body.get("msg", "the state API failed"))
+    return body["data"]["result"]["result"]
 
 
 def _fenced(samples: Samples) -> bool | None:
@@ -269,9 +352,10 @@ def _shard_states(samples: Samples, actors: ShardActors | str | None) -> dict[st
 
 
 def collect(samples: Samples, prometheus: str | None = None, now: float | None = None,
-            unscraped: dict[str, str] | None = None, actors: ShardActors | str | None = None) -> Status:
-    """The status from Ray's state (and the service's shard `actors`: `shard_actors`), `samples` and `unscraped`
-    (`scrape_nodes`) and Prometheus's alerts."""
+            unscraped: dict[str, str] | None = None, actors: ShardActors | str | None = None,
+            service: Service | None = None) -> Status:
+    """The status of `service` (`pick_service`) from Ray's state (and the service's shard `actors`: `shard_actors`),
+    `samples` and `unscraped` (`scrape_nodes`) and Prometheus's alerts."""
     nodes = [n for n in ray.nodes() if n["Alive"]]
     total, free = ray.cluster_resources(), ray.available_resources()
     lag = {float(le): v for le, v in _by(samples, "ray_raytwin_ingest_to_applied_seconds_bucket_total", "le").items()}
@@ -279,7 +363,7 @@ def collect(samples: Samples, prometheus: str | None = None, now: float | None =
     status = Status(
         nodes=len(nodes), cpus=total.get("CPU", 0.0), cpus_free=free.get("CPU", 0.0),
         shards=_shard_states(samples, actors),
-        configured=_configured(samples),
+        configured=_configured(samples, service),
         actors=actors,
         unanswered=_nonzero(_by(samples, "ray_raytwin_shard_unanswered_total", "shard")),
         fenced=_fenced(samples),
@@ -447,8 +531,12 @@ def render(s: Status) -> str:
 def status(
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else a running local Ray).")] = None,
     prometheus: Annotated[str | None, typer.Option(help="Prometheus URL with RayTwin's rules, for the firing alerts.")] = None,
+    namespace: Annotated[str | None, typer.Option(help="The service's Ray namespace (its `namespace` setting), where "
+                                                  "the cluster runs several services.")] = None,
+    store: Annotated[str | None, typer.Option(help="The service's store (its `store_url` setting), where the cluster "
+                                              "runs several services.")] = None,
 ) -> None:
-    """Cluster, twins, ingest lag, job queue, connectors and firing alerts, on one screen."""
+    """Cluster, twins, ingest lag, job queue, connectors and firing alerts of the service, on one screen."""
     if not ray.is_initialized():
         if address is None and not os.environ.get("RAY_ADDRESS"):
             from ray._private.services import find_gcs_addresses  # what address="auto" picks one of
@@ -467,5 +555,10 @@ def status(
                        "also needs RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN_PATH, as its start printed)", err=True)
             raise typer.Exit(1) from None
     samples, unscraped = scrape_nodes()
-    actors = shard_actors(_service_of(samples))
-    typer.echo(render(collect(samples, prometheus, unscraped=unscraped, actors=actors)))
+    try:
+        service = pick_service(exported_services(samples), namespace, store)
+    except AmbiguousService as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    actors = shard_actors(service if service and all(service) else None)
+    typer.echo(render(collect(samples, prometheus, unscraped=unscraped, actors=actors, service=service)))

@@ -469,16 +469,17 @@ def test_status_counts_shards_against_the_configured_count_and_names_rays_restar
 
 def _state_api(monkeypatch, rows: list, registered: bytes | None = b"198.51.100.5:8265",
                session: str = "session_ours") -> list:
-    """Ray's state API as `shard_actors` asks it, answering `rows`, its dashboard registered at `registered` by a head
-    whose GCS is 198.51.100.5:6379 (a documentation address: no machine's) and answering as Ray session `session` (the
-    driver's is session_ours); the addresses and filters the state API was asked with."""
+    """Ray's state API as `shard_actors` asks it over HTTP, answering `rows`, its dashboard registered at `registered`
+    by a head whose GCS is 198.51.100.5:6379 (a documentation address: no machine's) and answering as Ray session
+    `session` (the driver's is session_ours); the addresses and filters the state API was asked with."""
     asked = []
 
-    def list_actors(address, **options):
-        asked.append((address, options["filters"]))
-        return rows
-
-    def version(url, **options):
+    def version(url, params=None, **options):
+        if url.endswith("/api/v0/actors"):  # as Ray's dashboard answers a list
+            asked.append((url.removesuffix("/api/v0/actors"), list(zip(
+                params["filter_keys"], params["filter_predicates"], params["filter_values"], strict=True))))
+            return httpx.Response(200, json={"result": True, "msg": "", "data": {"result": {"result": rows}}},
+                                  request=httpx.Request("GET", url))
         return httpx.Response(200, json={"session_name": session}, request=httpx.Request("GET", url))
 
     context = SimpleNamespace(gcs_address="198.51.100.5:6379", get_session_name=lambda: "session_ours")
@@ -487,7 +488,6 @@ def _state_api(monkeypatch, rows: list, registered: bytes | None = b"198.51.100.
     monkeypatch.setattr("ray._private.authentication.http_token_authentication.get_auth_headers_if_auth_enabled",
                         lambda headers: {})
     monkeypatch.setattr("cluster.status.httpx.get", version)
-    monkeypatch.setattr("ray.util.state.list_actors", list_actors)
     return asked
 
 
@@ -497,22 +497,22 @@ def test_status_counts_its_own_services_shards_not_another_services_on_the_clust
     shards against both services' actors, so this one's dead shard 1 hid behind the other's alive shards. The backend
     exports its namespace and shard-actor name prefix; status reads its own actors from Ray's state API by them."""
     from actors.routing import shard_name, shard_prefix
-    from cluster.status import ShardActors, _service_of, shard_actors
+    from cluster.status import ShardActors, exported_services, pick_service, shard_actors
 
     for name, value in (("nodes", lambda: []), ("cluster_resources", dict), ("available_resources", dict)):
         monkeypatch.setattr(f"cluster.status.ray.{name}", value)  # Ray's state, as far as `collect` asks
     ours, theirs = "s3://plant/store/twins", "/data/lab/twins"
-    row = lambda store, ns, i, state="ALIVE", restarts=0: SimpleNamespace(  # noqa: E731
-        name=shard_name(store, i, 2), ray_namespace=ns, state=state, num_restarts=restarts)
+    row = lambda store, ns, i, state="ALIVE", restarts=0: dict(  # noqa: E731
+        name=shard_name(store, i, 2), ray_namespace=ns, state=state, num_restarts=str(restarts))  # as Ray's HTTP
     asked = _state_api(monkeypatch, [row(ours, "raytwin", 0, restarts=3), row(theirs, "lab", 0, restarts=1),
                                      row(theirs, "lab", 1, "RESTARTING", restarts=7),
-                                     SimpleNamespace(name="", ray_namespace="raytwin", state="ALIVE", num_restarts=5)])
+                                     dict(name="", ray_namespace="raytwin", state="ALIVE", num_restarts="5")])
     samples = [("ray_actors", {"Name": "TwinShardProcess", "Source": "gcs", "State": "ALIVE"}, 2.0),  # both services'
                ("ray_actors", {"Name": "TwinShardProcess", "Source": "gcs", "State": "RESTARTING"}, 1.0),
                ("ray_actors", {"Name": "TwinShardProcess", "Source": "gcs", "State": "DEAD"}, 1.0),
                ("ray_raytwin_shards_configured", {"namespace": "raytwin", "prefix": shard_prefix(ours)}, 2.0)]
-    assert _service_of(samples) == ("raytwin", shard_prefix(ours))
-    actors = shard_actors(_service_of(samples))
+    assert pick_service(exported_services(samples)) == ("raytwin", shard_prefix(ours))
+    actors = shard_actors(pick_service(exported_services(samples)))
     assert actors == ShardActors(states={"0": "ALIVE"}, restarts={"0": 3})  # shard 1 of the other store is not ours
     assert asked == [("http://198.51.100.5:8265", [("class_name", "=", "TwinShardProcess"), ("state", "!=", "DEAD")])]
     shards = render(collect(samples, actors=actors)).splitlines()[3]
@@ -534,7 +534,7 @@ def test_status_asks_the_clusters_own_dashboard_for_restarts_or_says_why_it_cann
     dashboard answers as the cluster's own Ray session, and says why restarts are unknown otherwise."""
     from cluster.status import shard_actors
 
-    rows = [SimpleNamespace(name="twinshard-0a1b2c3d-0-of-1", ray_namespace="raytwin", state="ALIVE", num_restarts=2)]
+    rows = [dict(name="twinshard-0a1b2c3d-0-of-1", ray_namespace="raytwin", state="ALIVE", num_restarts="2")]
     asked = _state_api(monkeypatch, rows, registered=b"0.0.0.0:8265")
     assert shard_actors(None).restarts == {"0": 2} and asked[0][0] == "http://198.51.100.5:8265"  # the head's
     asked = _state_api(monkeypatch, rows, registered=b"127.0.0.1:8265")  # a head on another machine: not asked
@@ -564,13 +564,77 @@ def test_status_asks_the_clusters_own_dashboard_for_restarts_or_says_why_it_cann
     assert shard_actors(None) == ("Ray's state API cannot be asked: its head registers no dashboard in the GCS: start "
                                   "it with --include-dashboard=true")
 
-    def no_state_api(address, **options):
-        raise ConnectionError("Failed to connect to API server")
+    def no_state_api(url, **options):
+        if url.endswith("/api/v0/actors"):
+            raise httpx.ConnectError("connection refused")
+        return answering(url, **options)
 
     _state_api(monkeypatch, rows)
-    monkeypatch.setattr("ray.util.state.list_actors", no_state_api)
+    answering = httpx.get  # (the dashboard's version answers; its state API does not)
+    monkeypatch.setattr("cluster.status.httpx.get", no_state_api)
     assert shard_actors(None) == ("Ray's state API, which its dashboard serves, did not answer at "
-                                  "http://198.51.100.5:8265: ConnectionError")
+                                  "http://198.51.100.5:8265: ConnectError")
+
+
+def test_status_reports_the_service_asked_for_and_refuses_to_guess_between_several(monkeypatch):
+    """Two services' backends on one cluster: status took the one with the most shards, so an operator of the smaller
+    read the other's configured count (and shard actors) as their service's. It reports the one `--namespace` and
+    `--store` name (the service's settings), the only one without them, and otherwise says which there are."""
+    from typer.testing import CliRunner
+
+    from actors.routing import shard_prefix
+    from cluster.status import AmbiguousService, exported_services, pick_service
+    from raytwin.cli import app
+
+    for name, value in (("nodes", lambda: []), ("cluster_resources", dict), ("available_resources", dict),
+                        ("is_initialized", lambda: True)):
+        monkeypatch.setattr(f"cluster.status.ray.{name}", value)  # Ray's state, as far as `status` asks
+    ours, theirs = ("raytwin", shard_prefix("s3://plant/store/twins")), ("lab", shard_prefix("/data/lab/twins"))
+    samples = [("ray_actors", {"Name": "TwinShardProcess", "Source": "gcs", "State": "ALIVE"}, 6.0),
+               *(("ray_raytwin_shards_configured", {"namespace": ns, "prefix": prefix}, n)
+                 for (ns, prefix), n in ((ours, 2.0), (theirs, 4.0), (ours, 1.0)))]  # (1: a replaced backend's)
+    services = exported_services(samples)
+    assert services == {ours: 2, theirs: 4}
+    assert pick_service(services, "raytwin") == ours == pick_service(services, store_url="s3://plant/store/")
+    assert pick_service(services, "lab", "/data/lab") == theirs and pick_service({}) is None
+    with pytest.raises(AmbiguousService, match=r"^the cluster runs 2 RayTwin services \(namespace lab, shards "
+                       rf"{theirs[1]} \(4 configured\); namespace raytwin, shards {ours[1]} \(2 configured\)\): "
+                       "pass --namespace and --store"):
+        pick_service(services)
+    with pytest.raises(AmbiguousService, match="^no API backend on the cluster exports a service in namespace plant "
+                       "on store any "):
+        pick_service(services, "plant")
+
+    asked: list = []
+    monkeypatch.setattr("cluster.status.scrape_nodes", lambda: (samples, {}))
+    monkeypatch.setattr("cluster.status.shard_actors", lambda service: asked.append(service) or "not asked")
+    refused = CliRunner().invoke(app, ["status"])
+    assert refused.exit_code == 1 and "the cluster runs 2 RayTwin services" in refused.output and asked == []
+    screen = CliRunner().invoke(app, ["status", "--namespace", "raytwin", "--store", "s3://plant/store"])
+    assert screen.exit_code == 0 and asked == [ours]
+    assert "shards        6 alive of 2 configured; restarts unknown (not asked)" in screen.output
+
+
+def test_status_asks_the_dashboard_ray_api_server_address_names_once_it_is_this_clusters(monkeypatch):
+    """`RAY_API_SERVER_ADDRESS` (and, without it, `RAY_ADDRESS`) took over the dashboard status had checked: Ray's
+    `list_actors` resolves them over the address it is given, so a port-forward's address was never checked as this
+    cluster's, and with RAY_ADDRESS set a wildcard-host dashboard was asked at 0.0.0.0, this machine's port. The
+    variable is taken as Ray's tools take it, checked as the registered address is; RAY_ADDRESS moves nothing."""
+    from cluster.status import shard_actors
+
+    rows = [dict(name="twinshard-0a1b2c3d-0-of-1", ray_namespace="raytwin", state="ALIVE", num_restarts="2")]
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "127.0.0.1:18265")  # a port-forward to the head's dashboard
+    asked = _state_api(monkeypatch, rows, registered=b"0.0.0.0:8265")
+    assert shard_actors(None).restarts == {"0": 2} and [a for a, _ in asked] == ["http://127.0.0.1:18265"]
+    asked = _state_api(monkeypatch, rows, session="session_theirs")
+    assert shard_actors(None) == (
+        "Ray's state API cannot be asked: the dashboard at http://127.0.0.1:18265 is another Ray cluster's (session "
+        "session_theirs, this one is session_ours) (RAY_API_SERVER_ADDRESS: point it at this cluster's, or unset it)")
+    assert asked == []
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # (no GCS there: only the checked dashboard is asked)
+    asked = _state_api(monkeypatch, rows, registered=b"0.0.0.0:8265")
+    assert shard_actors(None).restarts == {"0": 2} and [a for a, _ in asked] == ["http://198.51.100.5:8265"]
 
 
 def test_status_says_whether_the_store_takes_writes_and_why_not(ray_session):
