@@ -116,8 +116,9 @@ def replace_file(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     Why: the store's small records (registrations, catalog entries, model swaps, job records...) are read while
     they are rewritten, and one written in place is empty or partial meanwhile, or for good if its writer dies.
     Local disk: a hidden file beside it (``.<name>.<pid>.<hex>.tmp``, which no reader's ``*.json`` listing
-    matches; a killed writer's is removed a day later: `remove_stale_temp_files`), synced, renamed over it, and the folder synced so the rename survives a power cut. Object stores
-    (and other filesystems): one PUT, atomic already. Parent folders are created.
+    matches; a killed writer's is removed a day later: `remove_stale_temp_files`), synced, renamed over it, and the
+    folder synced so the rename survives a power cut. Object stores (and other filesystems): one PUT, atomic already.
+    Parent folders are created.
     """
     if not is_local(fs):
         fs.pipe_file(path, data)

@@ -75,20 +75,19 @@ class Catalog:
             record = json.loads(self.fs.cat_file(path))
             if "revision" not in record:  # written before revisions existed: the bare contract, revision 0
                 record = {"revision": 0, "asset_type" if kind == "types" else "asset": record}
-            if kind == "types":
-                t = AssetType.model_validate(record["asset_type"])
-                if record.get("change") == "deleted":
-                    self.tombstones[(tenant, kind, t.key)] = (record["revision"], t)
-                    continue
-                self.types.setdefault(tenant, {})[t.key] = t
-                self.revisions[(tenant, kind, t.key)] = record["revision"]
-            elif kind == "assets":
-                a = Asset.model_validate(record["asset"])
-                if record.get("change") == "deleted":
-                    self.tombstones[(tenant, kind, a.id)] = (record["revision"], a)
-                    continue
-                self.hold(a)
-                self.revisions[(tenant, kind, a.id)] = record["revision"]
+            if kind not in ("types", "assets"):
+                continue
+            obj: Asset | AssetType = (AssetType.model_validate(record["asset_type"]) if kind == "types"
+                                      else Asset.model_validate(record["asset"]))
+            key = obj.key if isinstance(obj, AssetType) else obj.id
+            if record.get("change") == "deleted":
+                self.tombstones[(tenant, kind, key)] = (record["revision"], obj)
+                continue
+            if isinstance(obj, AssetType):
+                self.types.setdefault(tenant, {})[key] = obj
+            else:
+                self.hold(obj)
+            self.revisions[(tenant, kind, key)] = record["revision"]
         self.ids = {tenant: sorted(assets) for tenant, assets in self.assets.items()}
 
     def _path(self, tenant: str, kind: str, name: str) -> str:
