@@ -221,6 +221,12 @@ class TwinService:
         return sorted(a for part in ray.get([s.assets.remote(tenant) for s in self._shards], timeout=timeout_s)
                       for a in part)
 
+    def marks(self, tenant: str, timeout_s: float | None = None) -> dict[str, tuple[int, bool]]:
+        """(revision, drift flag) of each of the tenant's twins (`TwinShard.marks`), all shards asked at once;
+        `ray.exceptions.GetTimeoutError` when one has not answered within `timeout_s`."""
+        return {a: mark for part in ray.get([s.marks.remote(tenant) for s in self._shards], timeout=timeout_s)
+                for a, mark in part.items()}
+
     def shards_answering(self, timeout_s: float, stuck_s: float) -> int:
         """How many shards answer the readiness probe within `timeout_s` (all asked at once) and are making
         progress: 0 means no twin can be read or written (the readiness route). The probe runs beside the shard's

@@ -416,6 +416,14 @@ class TwinShard(LiveModelOps):
         over many twins instead of one per twin); unknown ids are left out."""
         return {s.asset_id: s.query_view() for s in self._views(tenant, asset_ids)}
 
+    def marks(self, tenant: str) -> dict[str, tuple[int, bool]]:
+        """(revision, drift flag) of each of the tenant's twins held here, without building their states: what the
+        change log records of a twin, so the backend reads the states of the twins that moved only
+        (`serve_apps.backend.Backend._record_connector_changes`)."""
+        self._refresh_stale()
+        return {a: (twin.events_applied, bool(twin.fs.divergence.drift)) for (t, a), twin in self.twins.items()
+                if t == tenant}
+
     def full_states(self, tenant: str, asset_ids: list[str]) -> list[TwinState]:
         """`state` of each of the tenant's twins among `asset_ids` held here, in one call (the change log's catch-up
         reads every twin at a backend's start: not 100,000 calls at 100,000 twins); unknown ids are left out."""

@@ -23,8 +23,8 @@ from actors.ingest import ShardRouter
 from connectors.commands import Command, CommandError, CommandLedger, CommandStatus
 from connectors.kinds import AssetTypes, kind_of, parse_spec
 from connectors.reach import Reach
-from connectors.runtime import (ACTOR_PREFIX, MARKERS, ConnectorActor, ConnectorState, ConnectorStatus, actor_name,
-                               legacy_actor_name)
+from connectors.runtime import (ACTOR_PREFIX, ACTOR_SEPARATOR, MARKERS, ConnectorActor, ConnectorState,
+                               ConnectorStatus, actor_name, legacy_actor_name)
 from connectors.spec import ConnectorSpec, ConnectorStore, Credentials, SessionTaken, UnknownConnector
 from connectors.tenant_files import Spec, TenantFiles
 from raytwin import metrics
@@ -64,15 +64,26 @@ def stop_connector_actors(namespace: str, legacy: bool = False) -> int:
     service that holds the store now, under the same MQTT client ids (the two kick each other off the broker).
     `legacy`: only those an earlier version named ambiguously (`connectors.runtime.legacy_actor_name`), for a service
     that starts where they run: it starts its connectors under their names now, beside them otherwise."""
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["namespace"] == namespace and a["name"].startswith(ACTOR_PREFIX)
-             and (not legacy or legacy_actor_name(a["name"]))]
+    names = [name for name in _connector_actors(namespace) if not legacy or legacy_actor_name(name)]
     for name in names:
         try:
             ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
         except ValueError:  # gone meanwhile
             pass
     return len(names)
+
+
+def _connector_actors(namespace: str) -> list[str]:
+    """The names of the connector actors of a service's Ray `namespace` (one question to Ray's GCS)."""
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == namespace and a["name"].startswith(ACTOR_PREFIX)]
+
+
+def connector_tenants(namespace: str) -> set[str]:
+    """The tenants with a connector actor in a service's Ray `namespace`: those whose twins take readings that no
+    API call carries (`serve_apps.backend.Backend._record_connector_changes` records their changes)."""
+    return {name[len(ACTOR_PREFIX):].split(ACTOR_SEPARATOR, 1)[0] for name in _connector_actors(namespace)
+            if not legacy_actor_name(name)}
 
 
 def anywhere(tenant: str, name: str) -> Reach | None:

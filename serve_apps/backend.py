@@ -18,6 +18,7 @@ import math
 import threading
 import time
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Callable
 from contextlib import suppress
 from datetime import UTC, datetime
@@ -30,7 +31,7 @@ from actors.lease import ray_cluster
 from actors.retype import RetypeFailed
 from actors.routing import shard_prefix
 from actors.state import TwinState, UnknownTwin
-from connectors.manager import stop_connector_actors
+from connectors.manager import connector_tenants, stop_connector_actors
 from raytwin import metrics
 from raytwin.compat import IncompatibleReplay
 from raytwin.contracts import Asset, AssetType, RelationshipKind, StartedFrom, TelemetryEvent
@@ -81,6 +82,9 @@ NO_WRITES = ("the store takes no writes (a full disk, a read-only or unwritable 
              "event=lease_heartbeat_failed with the error)")
 FENCE_WATCH_S = 5.0
 """How often the backend reads the lease to stop its connectors once another cluster's service holds the store."""
+CONNECTOR_CHANGES_S = 1.0
+"""How often the backend records the twin changes its tenants' connectors made: their readings reach the shards
+without an ingest call of this backend, which records telemetry's (`Backend._record_connector_changes`)."""
 SHADOW_CONCLUDE_S = 2.0
 """How often the backend looks for finished shadow evaluations to record: a question to each shard."""
 TEMP_SWEEP_S = 6 * 3600.0
@@ -181,6 +185,7 @@ class Backend:
         self._start_store_watch()
         threading.Thread(target=self._sweep_temp_files, name="temp-sweep", daemon=True).start()
         self._twin_marks: dict[tuple[str, str], tuple[int, bool]] = {}  # last published (revision, drift)
+        self._applying: Counter[tuple[str, str]] = Counter()  # twins an API batch is applied to now (`apply`)
         self._registries: dict[str, ModelRegistry] = {}
         threading.Thread(target=self._conclude_shadows, name="shadow-conclusions", daemon=True).start()
         threading.Thread(target=self._audit_lifecycles, name="lifecycle-audit", daemon=True).start()
@@ -197,7 +202,7 @@ class Backend:
                 log.exception("event=interrupted_swaps_unfinished tenant=%s", tenant)
         self.moves = AssetMoves(self)  # twins moved to a type version their catalog write did not follow
         self.moves.settle_all()
-        threading.Thread(target=self._catch_up_changes, args=(sorted({*self.catalog.tenants(), *self.jobs.listed}),),
+        threading.Thread(target=self._follow_changes, args=(sorted({*self.catalog.tenants(), *self.jobs.listed}),),
                          name="change-catch-up", daemon=True).start()
 
     def _change_log(self) -> ChangeLog:
@@ -562,11 +567,18 @@ class Backend:
         for asset_id in assets:
             if (tenant, asset_id) not in self._twin_marks:  # first write since start: what was the drift flag?
                 self._mark(tenant, asset_id)
-        report = self.twins.ingest(tenant, events, states=True)
-        if report.states:
-            self._publish_twins(tenant, report.states)
-        else:  # a resend of duplicates: a change a failed write kept is written now, if the store takes it
-            self._flush_changes([tenant])
+        applying = Counter((tenant, asset_id) for asset_id in assets)
+        with self._publish:
+            self._applying += applying
+        try:
+            report = self.twins.ingest(tenant, events, states=True)
+            if report.states:
+                self._publish_twins(tenant, report.states)
+            else:  # a resend of duplicates: a change a failed write kept is written now, if the store takes it
+                self._flush_changes([tenant])
+        finally:
+            with self._publish:
+                self._applying -= applying
         return report.model_dump(mode="json", exclude={"states"})
 
     def _flush_changes(self, tenants: list[str] | None = None) -> None:
@@ -640,14 +652,45 @@ class Backend:
             if pending and self._watch_stop.wait(FENCE_WATCH_S):
                 return
 
-    def _catch_up(self, tenant: str) -> None:
-        """Record the current state of each of the tenant's twins whose revision or drift flag got ahead of what the
-        change log last recorded of it (changes a failed write kept, lost with a backend that stopped before the
-        store took writes again), through `_publish_twins` as telemetry's are: nothing twice, no revision out of
-        order. A log from before the recorded marks takes the twins' current states as recorded instead
-        (`ChangeLog.adopt`), as the backends before them did. Raises while a twin's shard restarts (its state is
-        then its last durable one, maybe behind): the caller tries again."""
-        states = self._live_states(tenant)
+    def _follow_changes(self, tenants: list[str]) -> None:
+        """`_catch_up_changes` at the start, then `_record_connector_changes` every `CONNECTOR_CHANGES_S` until
+        `close`: one thread, so that the two never record one tenant's twins at once."""
+        self._catch_up_changes(tenants)
+        while not self._watch_stop.wait(CONNECTOR_CHANGES_S):
+            self._record_connector_changes()
+
+    def _record_connector_changes(self) -> None:
+        """Record the states and drift flags that the tenants' connectors moved, as telemetry's are: a connector's
+        readings go to the shards directly (`connectors.sink.TwinSink`), so before, a twin fed by a device showed no
+        `twin.state` or `twin.drift` on the change stream, nor started the drift trigger, until the backend's next
+        start. For each tenant with a connector actor, the shards answer every twin's (revision, drift flag)
+        (`TwinService.marks`) and `_catch_up` reads the states of those that moved past their marks only. A tenant
+        that fails (a shard restarting, the store failing) is tried again at the next pass; none once another
+        service holds the store."""
+        try:
+            tenants = connector_tenants(self.twins.router.namespace)
+        except Exception as exc:  # noqa: BLE001 - Ray's GCS not answering: the next pass asks again
+            log.info("event=connector_changes_deferred error=%s: %s", type(exc).__name__, exc)
+            return
+        for tenant in sorted(tenants):
+            try:
+                self.check_writable()
+                marks = self.twins.marks(tenant, self.config.shard_read_timeout_s)
+                if moved := [a for a, mark in marks.items() if self._twin_marks.get((tenant, a)) != mark]:
+                    self._catch_up(tenant, moved)
+            except StoreFenced:  # the successor holding the store records them
+                return
+            except Exception as exc:  # noqa: BLE001 - the changes stay ahead of the log's marks: the next pass
+                log.info("event=connector_changes_deferred tenant=%s error=%s: %s", tenant, type(exc).__name__, exc)
+
+    def _catch_up(self, tenant: str, asset_ids: list[str] | None = None) -> None:
+        """Record the current state of each of the tenant's twins (of `asset_ids` alone, if given) whose revision or
+        drift flag got ahead of what the change log last recorded of it (changes a failed write kept, lost with a
+        backend that stopped before the store took writes again; a connector's readings), through `_publish_twins` as
+        telemetry's are: nothing twice, no revision out of order. A log from before the recorded marks takes the
+        twins' current states as recorded instead (`ChangeLog.adopt`), as the backends before them did. Raises while
+        a twin's shard restarts (its state is then its last durable one, maybe behind): the caller tries again."""
+        states = self._live_states(tenant, asset_ids)
         if stale := [s.asset_id for s in states if s.stale]:
             raise RuntimeError(f"the shards of twins {stale[:5]} restart (their live state is not known yet)")
         if self.changes.recorded(tenant) is None:
@@ -656,7 +699,7 @@ class Backend:
         for s in states:
             if (tenant, s.asset_id) not in self._twin_marks:
                 self._mark(tenant, s.asset_id, s)
-        self._publish_twins(tenant, states)
+        self._publish_twins(tenant, states, skip_applying=True)
 
     def _catch_up_jobs(self, tenant: str) -> None:
         """Record the change of each of the tenant's jobs that ended before this backend started (one a restart failed
@@ -689,23 +732,29 @@ class Backend:
         jobs = ((t, self.jobs.jobs.get(job_id)) for t, job_id in ended)
         return {job.job_id: t for t, job in jobs if job is not None and job.tenant == tenant}
 
-    def _live_states(self, tenant: str) -> list[TwinState]:
-        """The state of each of the tenant's twins, less those deleted meanwhile: one shard call per shard and
-        `actors.service.STATES_BATCH` twins (`TwinService.states`), not one per twin."""
-        return self.twins.states(tenant, self.twins.assets(tenant, self.config.shard_read_timeout_s))
+    def _live_states(self, tenant: str, asset_ids: list[str] | None = None) -> list[TwinState]:
+        """The state of each of the tenant's twins (of `asset_ids`, if given), less those deleted meanwhile: one shard
+        call per shard and `actors.service.STATES_BATCH` twins (`TwinService.states`), not one per twin."""
+        if asset_ids is None:
+            asset_ids = self.twins.assets(tenant, self.config.shard_read_timeout_s)
+        return self.twins.states(tenant, asset_ids)
 
-    def _publish_twins(self, tenant: str, states: list[TwinState]) -> None:
+    def _publish_twins(self, tenant: str, states: list[TwinState], skip_applying: bool = False) -> None:
         """One `twin.state` change per twin whose revision moved past the last one recorded, plus
         `twin.drift` when its flag flipped. The states come with the ingest call's report (no second
         call to the shard), or `_catch_up`'s reads. Under the lock a state older than the last recorded one is
         dropped, so a twin's revisions only grow on the stream when ingests of one twin run concurrently (a state
         may then stand for several batches: the latest one wins). At the recorded revision, only a lowered flag is
         recorded (`twin.drift`): a clear, which applies no event, whose change was lost; a raised one at the same
-        revision is a state read before that clear."""
+        revision is a state read before that clear. `skip_applying` (catch-ups): a twin an API batch is applied to now
+        is left to that batch's own call, which answers once its change is on the store; recorded here, the call
+        would find it recorded and answer before the write landed."""
         with self._publish:
             drafts: list[dict[str, Any]] = []
             for s in states:
                 asset_id = s.asset_id
+                if skip_applying and (tenant, asset_id) in self._applying:
+                    continue
                 revision, drift = self._twin_marks.get((tenant, asset_id), (-1, False))
                 d = s.divergence
                 if s.revision == revision and drift and not d.drift:

@@ -166,6 +166,18 @@ def test_connector_actors_of_different_tenants_never_share_a_name() -> None:
     assert not legacy_actor_name("raytwin-shard-0")
 
 
+def test_the_tenants_with_connectors_are_read_from_their_actors_names_in_the_services_namespace(monkeypatch) -> None:
+    """`connector_tenants`: whose twins the backend's pass records the connectors' changes of (each tenant once,
+    another namespace's actors, shards and an earlier version's ambiguous names left out)."""
+    from connectors.manager import connector_tenants
+
+    actors = [(actor_name("a:b", "c"), "svc"), (actor_name("a:b", "d"), "svc"), (actor_name("e", "f@g"), "svc"),
+              (actor_name("other", "c"), "elsewhere"), ("raytwin-shard-0", "svc"), ("raytwin-connector:x:y", "svc")]
+    monkeypatch.setattr("connectors.manager.ray.util.list_named_actors",
+                        lambda all_namespaces: [{"name": n, "namespace": ns} for n, ns in actors])
+    assert connector_tenants("svc") == {"a:b", "e"}
+
+
 def test_one_connector_holds_each_broker_session(tmp_path: Path) -> None:
     store = ConnectorStore(str(tmp_path))
     # the client ids of earlier versions, chosen to resume their sessions, are the same string

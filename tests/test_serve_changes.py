@@ -10,6 +10,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -1093,6 +1094,9 @@ class _Shard:
     def states(self, tenant, asset_ids):
         return [self.state(tenant, a) for a in asset_ids if a == "zone-3"]
 
+    def marks(self, tenant, timeout_s=None):
+        return {"zone-3": (len(self.seen), self.drift)}
+
     def ingest(self, tenant, events, states=False):
         from actors.state import IngestReport
 
@@ -1122,6 +1126,7 @@ def _backend_over(shard: _Shard, log: ChangeLog):
 
     backend = Backend.__new__(Backend)
     backend._publish, backend._twin_marks, backend.changes, backend.twins = threading.Lock(), {}, log, shard
+    backend._applying = Counter()
     backend.jobs, backend._started = SimpleNamespace(ended=[], jobs={}), None  # no job to catch up
     backend.config = SimpleNamespace(shard_read_timeout_s=5.0)
     backend.recalibration = SimpleNamespace(trigger=SimpleNamespace(waiting=lambda tenant: False,
@@ -1195,6 +1200,46 @@ def test_a_change_kept_by_a_backend_that_crashed_is_recorded_once_by_the_next_ba
     restarted.apply("acme", _batch(5, 20))
     assert _twin_changes(restarted.changes) == [("twin.state", 10, False), ("twin.state", 20, True),
                                                 ("twin.drift", 20, True), ("twin.state", 25, True)]
+
+
+def test_a_connectors_readings_are_recorded_by_the_backends_pass_once_and_not_while_it_is_fenced(tmp_path,
+                                                                                                  monkeypatch):
+    """A connector's readings reach the shards without the backend's ingest call, which records telemetry's changes:
+    a twin fed by a device showed no twin.state nor twin.drift on the change stream until the backend's next start.
+    The backend's pass over the tenants with a connector records them once, reading the states of moved twins only;
+    nothing while another service holds the store, and nothing of a twin an API batch is applied to meanwhile (that
+    call records it, and answers only once its change is on the store)."""
+    from types import SimpleNamespace
+
+    from raytwin.statestore import StoreFenced
+
+    shard = _Shard()
+    shard.router = SimpleNamespace(namespace="raytwin")
+    monkeypatch.setattr("serve_apps.backend.connector_tenants", lambda namespace: {"acme"})
+    backend = _backend_over(shard, ChangeLog(str(tmp_path)))
+    backend.apply("acme", _batch(10))  # through the API: recorded with its call
+    assert not backend._applying
+    read, states = [], shard.states
+    shard.states = lambda tenant, ids: read.append(list(ids)) or states(tenant, ids)
+    shard.seen |= set(range(10, 15))  # a connector's batch, applied by the shards directly, raised the drift flag
+    shard.drift = True
+
+    def fenced() -> None:
+        raise StoreFenced("another service holds the store")
+
+    backend.check_writable = fenced
+    backend._record_connector_changes()
+    assert _twin_changes(backend.changes) == [("twin.state", 10, False)] and read == []
+    backend.check_writable = lambda: None
+    backend._applying[("acme", "zone-3")] += 1  # an API batch of the twin in flight
+    backend._record_connector_changes()
+    assert _twin_changes(backend.changes) == [("twin.state", 10, False)] and read == [["zone-3"]]
+    backend._applying.clear()
+    backend._record_connector_changes()
+    backend._record_connector_changes()  # nothing moved since: nothing recorded, no state read
+    assert _twin_changes(backend.changes) == [("twin.state", 10, False), ("twin.state", 15, True),
+                                              ("twin.drift", 15, True)]
+    assert read == [["zone-3"]] * 2
 
 
 def test_a_twin_batch_applied_before_a_takeover_is_recorded_by_the_successors_catch_up_not_the_fenced_backend(

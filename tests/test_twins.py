@@ -1298,7 +1298,8 @@ def test_a_shard_call_reports_only_the_twins_it_changed(tmp_path, artifact):
 
 def test_a_shards_batched_reads_answer_what_its_single_read_does_and_queries_their_views(tmp_path, artifact):
     """`full_states` (the change log's catch-up: every twin at a backend's start) answers `state` of each twin asked
-    for, drift flag included, in one call; `states` (queries) the same twins' views, as before."""
+    for, drift flag included, in one call; `states` (queries) the same twins' views, as before; `marks` (the backend's
+    pass over twins that connectors feed) each of the tenant's twins' revision and drift flag, as `state` has them."""
     shard = TwinShard(str(tmp_path), 0, 1, allowed_lateness_s=LATENESS_S, snapshot_every=500)
     for tenant, a in (("acme", "a"), ("acme", "b"), ("beta", "c")):
         shard.register(tenant, a, registration_record(asset(a, tenant), artifact, None, None))
@@ -1308,6 +1309,8 @@ def test_a_shards_batched_reads_answer_what_its_single_read_does_and_queries_the
     assert shard.full_states("acme", asked)[0].revision == 3
     assert shard.states("acme", asked) == {a: shard.state("acme", a).query_view() for a in ("b", "a")}
     assert set(shard.states("acme", asked)["a"]) == {"state", "std", "revision"}
+    assert shard.marks("acme") == {a: (shard.state("acme", a).revision, shard.state("acme", a).divergence.drift)
+                                   for a in ("a", "b")} == {"a": (0, False), "b": (3, False)}
 
 
 def test_an_asset_created_again_after_its_deletion_is_a_new_twin_whatever_its_old_history(tmp_path, artifact):
