@@ -88,12 +88,13 @@ def create(
 
 @connectors_app.command("list")
 def list_connectors(url: API_URL, key: API_KEY) -> None:
-    """Every connector of the key's tenant with its status."""
+    """Every connector of the key's tenant with its status: `rejected` beside `dead_lettered`, as the readings the
+    twins refused are in its dead letters too (`GET /v1/connectors/{name}/dead-letters` lists both)."""
     with remote(url, key) as api:
         for s in api.iter_connectors():
             lag = "-" if s.lag_s is None else f"{s.lag_s:.1f}s"
             typer.echo(f"{s.name}\t{s.kind}\t{s.state}\tconnected={s.connected}\tpending={s.pending}\t"
-                       f"lag={lag}\terrors={s.errors}\tdead_lettered={s.dead_lettered}")
+                       f"lag={lag}\terrors={s.errors}\trejected={s.rejected}\tdead_lettered={s.dead_lettered}")
 
 
 @connectors_app.command()

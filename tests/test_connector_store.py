@@ -178,6 +178,29 @@ def test_the_tenants_with_connectors_are_read_from_their_actors_names_in_the_ser
     assert connector_tenants("svc") == {"a:b", "e"}
 
 
+def test_the_connector_listing_shows_the_readings_the_twins_refused_beside_its_dead_letters(monkeypatch) -> None:
+    """`raytwin connectors list` showed `dead_lettered` alone, the readings the mapping could not read: a typo'd
+    topic's readings, refused by the twins and listed among the connector's dead letters, were not on the line."""
+    import contextlib
+
+    from typer.testing import CliRunner
+
+    from connectors import cli
+
+    status = ConnectorStatus(tenant="acme", name="plant", kind="mqtt", state=ConnectorState.running, connected=True,
+                             messages=4, acknowledged=4, pending=0, accepted=1, duplicates=1, rejected=1,
+                             dead_lettered=1, errors=0, last_error=None, lag_s=None, newest_event_time=None)
+
+    @contextlib.contextmanager
+    def remote(url: str, key: str):
+        yield SimpleNamespace(iter_connectors=lambda: iter([status]))
+
+    monkeypatch.setattr(cli, "remote", remote)
+    listed = CliRunner().invoke(cli.connectors_app, ["list", "--api-url", "http://api", "--api-key", "rtk_x"])
+    assert listed.exit_code == 0, listed.output
+    assert listed.stdout.rstrip("\n").split("\t")[-3:] == ["errors=0", "rejected=1", "dead_lettered=1"]
+
+
 def test_one_connector_holds_each_broker_session(tmp_path: Path) -> None:
     store = ConnectorStore(str(tmp_path))
     # the client ids of earlier versions, chosen to resume their sessions, are the same string
