@@ -19,7 +19,7 @@ from actors.routing import shard_index
 from actors.shadow import ShadowTwinReport, refuse_foreign
 from actors.state import UnknownTwin
 from actors.state import TwinState
-from actors.swap import SwapRefused
+from actors.swap import SwapMark, SwapRefused
 from raytwin.registry import ModelArtifact
 from raytwin.shadow import Comparison, InnovationStats, compare
 from raytwin.statestore import to_micros
@@ -65,6 +65,11 @@ class LiveModels:
         ``name@version``, where given); `GetTimeoutError` when a shard leaves it unanswered for `timeout_s`."""
         return sorted(a for part in ray.get([h.twins_of_model.remote(tenant, model, other_than, running)
                                              for h in self.handles], timeout=timeout_s) for a in part)
+
+    def swap_marks(self, tenant: str, model: str, other_than: str | None = None) -> dict[str, SwapMark]:
+        """`twins_of_model`, each twin with its `SwapMark` as read (to plan a swap on: `swap`'s `marks`)."""
+        return {a: mark for part in ray.get([h.swap_marks.remote(tenant, model, other_than) for h in self.handles])
+                for a, mark in part.items()}
 
     def twins_running(self, tenant: str, ref: str, timeout_s: float | None = None) -> list[str]:
         """The tenant's twins whose version for events from now on is `ref` (``name@version``): after a hot swap
@@ -121,17 +126,20 @@ class LiveModels:
         """End the evaluation of `ref` (False: none ran)."""
         return any(ray.get([h.stop_shadow.remote(tenant, ref) for h in self.handles]))
 
-    def swap(self, tenant: str, artifact: ModelArtifact, at: datetime,
-             asset_ids: list[str] | None = None) -> SwapOutcome:
-        """Hot-swap twins to `artifact` for events at or after `at` (timezone-aware): `asset_ids`, or every
-        twin of the tenant running a version of its model. Each twin's swap is durable before it
+    def swap(self, tenant: str, artifact: ModelArtifact, at: datetime, asset_ids: list[str] | None = None, *,
+             marks: dict[str, SwapMark] | None = None) -> SwapOutcome:
+        """Hot-swap twins to `artifact` for events at or after `at` (timezone-aware): `asset_ids`, or those of
+        `marks`, or every twin of the tenant running a version of its model. Each twin's swap is durable before it
         applies; a twin that cannot take it (`actors.swap.SwapRefused`) keeps its model and is named
-        in `refused` with the reason."""
+        in `refused` with the reason. `marks` (`swap_marks` as read): each twin only while still at its mark, so that
+        a swap planned on a read does not undo one that landed since (refused)."""
         if at.tzinfo is None:
             raise ValueError("the swap boundary needs a timezone-aware datetime")
-        ids = self.twins_of_model(tenant, artifact.name) if asset_ids is None else asset_ids
+        if asset_ids is None:
+            asset_ids = list(marks) if marks is not None else self.twins_of_model(tenant, artifact.name)
         body, at_us = artifact.model_dump(mode="json"), to_micros(at)
-        refs = {a: self._shard(tenant, a).swap_model.remote(tenant, a, body, at_us) for a in ids}
+        refs = {a: self._shard(tenant, a).swap_model.remote(tenant, a, body, at_us, (marks or {}).get(a))
+                for a in asset_ids}
         states, refused = [], {}
         for a, ref in refs.items():
             try:

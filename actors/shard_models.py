@@ -8,6 +8,7 @@ from typing import Any
 
 from actors.shadow import ShadowBook, ShadowTwinReport
 from actors.state import TwinState, UnknownTwin
+from actors.swap import SwapMark, SwapRefused, swap_mark
 from actors.twin import Twin
 from raytwin.registry import ModelArtifact
 from raytwin.statestore import StateStore, from_micros
@@ -28,9 +29,14 @@ class LiveModelOps:
                        running: str | None = None) -> list[str]:
         """The tenant's twins whose current model version is a version of `model` (whose version for events
         from now on is not `other_than`, and is `running`, ``name@version``, where given)."""
+        return sorted(self.swap_marks(tenant, model, other_than, running))
+
+    def swap_marks(self, tenant: str, model: str, other_than: str | None = None,
+                   running: str | None = None) -> dict[str, SwapMark]:
+        """`twins_of_model`, each twin with its `SwapMark` as of this read (for a swap planned on it)."""
         self._refresh_stale()
-        return sorted(a for (t, a), twin in self.twins.items() if t == tenant and twin.artifact.name == model
-                      and (ref := twin.segments[-1].artifact.ref) != other_than and running in (None, ref))
+        return {a: mark for (t, a), twin in self.twins.items() if t == tenant and twin.artifact.name == model
+                and (mark := swap_mark(twin.segments))[0] != other_than and running in (None, mark[0])}
 
     def twin_models(self, tenant: str, asset_ids: list[str]) -> dict[str, str]:
         """The model each of these twins held here runs (asset id -> model name); twins not held are left out."""
@@ -60,9 +66,12 @@ class LiveModelOps:
         self.store.check_lease(self.fence)
         return self.shadows.stop(tenant, ref)
 
-    def swap_model(self, tenant: str, asset_id: str, artifact: dict[str, Any], at_us: int) -> TwinState | None:
+    def swap_model(self, tenant: str, asset_id: str, artifact: dict[str, Any], at_us: int,
+                   from_mark: SwapMark | None = None) -> TwinState | None:
         """Switch the twin to `artifact` for events at or after `at_us` (`actors.swap`), durably first;
-        the same swap again (a retried call) is a no-op. None: no such twin."""
+        the same swap again (a retried call) is a no-op. None: no such twin. `from_mark`: only while the twin is at
+        that mark (`swap_marks` as the caller read it; `SwapRefused` otherwise), so that a swap planned before
+        another landed does not undo it (the backend's start finishing an interrupted promotion beside a new one)."""
         self._refresh_stale()
         twin = self.twins.get((tenant, asset_id))
         if twin is None:
@@ -73,6 +82,9 @@ class LiveModelOps:
         swaps = self.store.load_model_swaps(tenant, asset_id)
         if entry in swaps:
             return twin.view()
+        if from_mark is not None and (mark := swap_mark(twin.segments)) != tuple(from_mark):
+            raise SwapRefused(f"twin {tenant}/{asset_id} was swapped to {mark[0]} after this swap was planned (on "
+                              f"{from_mark[0]}): that later swap stands")
         seg = twin.prepare_swap(at_us, ModelArtifact.model_validate(artifact))
         before = twin.segments[-1].artifact.ref
         self.store.save_model_swaps(tenant, asset_id, [*swaps, entry])

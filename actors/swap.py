@@ -37,6 +37,17 @@ class Segment(NamedTuple):
     prior: FilterState
 
 
+SwapMark = tuple[str, int | None]
+"""Where a twin's model stands: its version for events from now on and the boundary that version starts at
+(None: from the prior). Every swap moves the boundary on, so a swap planned on a mark read earlier goes ahead only
+while the twin is still there (`actors.shard_models.LiveModelOps.swap_model`'s `from_mark`): a later swap stands."""
+
+
+def swap_mark(segments: list[Segment]) -> SwapMark:
+    """The `SwapMark` of a twin whose model segments are `segments` (`actors.twin.Twin.segments`)."""
+    return segments[-1].artifact.ref, segments[-1].start_us
+
+
 def incompatibility(old: Declared, new: Declared) -> str | None:
     """Why an estimate of `old` cannot be carried over to `new` (None: it can): its telemetry columns differ
     (its events would not be comparable), it shares no state with `old`, or shared states change unit.

@@ -7,6 +7,11 @@ another, for good: the transition cannot be sent again (409). At start, every tw
 another version of a model with a production version is swapped to it, for events from then on,
 and the swap is audited as the system's, its intent first: a store that cannot take it leaves the swap to
 the next start.
+
+The ingress serves promotions while the backend starts, so a new promotion can land beside this: each twin is
+swapped only while it still runs what was read (`actors.live_models.LiveModels.swap`'s `marks`; one the new
+promotion swapped since keeps that), and a model whose production version changed between the read of its log and
+of its twins is left to that promotion's own swap.
 """
 
 from __future__ import annotations
@@ -29,20 +34,19 @@ def finish_interrupted_swaps(lifecycle: ModelLifecycle, models: LiveModels, tena
     production ref (twins refused a swap, e.g. another state layout, keep their model and are named)."""
     done: dict[str, SwapOutcome] = {}
     for model in lifecycle.models():
-        try:
-            production = lifecycle.verify(model).production
-        except ChainBroken as exc:  # transitions are refused too; `lifecycle/verify` names the record
-            log.error("event=production_check_skipped tenant=%s model=%s error=%r", tenant, model, str(exc))
-            continue
-        ref = f"{model}@{production}"
-        behind = [] if production is None else models.twins_of_model(tenant, model, other_than=ref)
+        ref = _production(lifecycle, tenant, model)
+        behind = {} if ref is None else models.swap_marks(tenant, model, other_than=ref)
         if not behind:
+            continue
+        if _production(lifecycle, tenant, model) != ref:  # a transition since: the twins read may be its swap's
+            log.warning("event=interrupted_swap_superseded tenant=%s model=%s: the production version changed "
+                        "meanwhile, whose own swap moves the twins", tenant, ref)
             continue
         at = datetime.now(UTC)
         try:
             with audited(audit, by_system(tenant, "model.swap", ref, {"at": at.isoformat(), "reason": (
                     "the promotion's swap was interrupted; finished at start")})) as step:
-                outcome = models.swap(tenant, lifecycle.registry.get(ref), at, asset_ids=behind)
+                outcome = models.swap(tenant, lifecycle.registry.get(ref), at, marks=behind)
                 swapped = [s.asset_id for s in outcome.states]
                 step.update(swapped=swapped, refused=outcome.refused)
         except StoreUnavailable as exc:  # (only `begin`'s) its intent not written: not swapped; the next start tries
@@ -53,3 +57,14 @@ def finish_interrupted_swaps(lifecycle: ModelLifecycle, models: LiveModels, tena
         log.warning("event=interrupted_swap_finished tenant=%s model=%s swapped=%d refused=%d", tenant, ref,
                     len(swapped), len(outcome.refused))
     return done
+
+
+def _production(lifecycle: ModelLifecycle, tenant: str, model: str) -> str | None:
+    """The model's production version (``name@version``); None without one, or with a broken log (logged: its
+    transitions are refused too, and `lifecycle/verify` names the record)."""
+    try:
+        production = lifecycle.verify(model).production
+    except ChainBroken as exc:
+        log.error("event=production_check_skipped tenant=%s model=%s error=%r", tenant, model, str(exc))
+        return None
+    return None if production is None else f"{model}@{production}"

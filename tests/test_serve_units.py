@@ -2680,8 +2680,8 @@ def test_the_backends_own_swaps_and_moves_act_only_after_their_audit_intent(tmp_
         lc.transition("thermal_rc@1.0.1", stage, Actor(id="calibrator", tenant="acme") if stage == "candidate"
                       else approver, "checked")
     swapped: list[str] = []
-    models = SimpleNamespace(twins_of_model=lambda tenant, model, other_than: ["zone-1"],
-                             swap=lambda tenant, artifact, at, asset_ids: swapped.extend(asset_ids) or SwapOutcome(
+    models = SimpleNamespace(swap_marks=lambda tenant, model, other_than: {"zone-1": ("thermal_rc@1.0.0", None)},
+                             swap=lambda tenant, artifact, at, marks: swapped.extend(marks) or SwapOutcome(
                                  states=[], refused={"zone-1": "another state layout"}))
     catalog = _MovedCatalog()
     backend = SimpleNamespace(config=SimpleNamespace(store_url=str(tmp_path / "store"), storage_options=None),

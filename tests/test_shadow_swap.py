@@ -8,6 +8,7 @@ version after) for the swap, and a run without shadow for the served state.
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 from datetime import UTC, datetime, timedelta
 
 import jax
@@ -206,6 +207,62 @@ def test_hot_swap_on_a_shard_survives_a_restart_and_time_travels(tmp_path, versi
     assert restarted.state_at("acme", "h1", at_us - 1).model_ref == "zone@1.0.0"
     then = restarted.state_at("acme", "h1", at_us)
     assert then.model_ref == "zone@1.1.0" and then.events_applied == 61
+
+
+class Direct:
+    """A shard actor's handle on a `TwinShard` in this process: ``handle.method.remote(*args)`` defers the call and
+    `ray.get` (patched: `direct_get`) makes it, so that `LiveModels` runs its calls in the order a test sets."""
+
+    def __init__(self, shard: TwinShard):
+        self.shard = shard
+
+    def __getattr__(self, method: str) -> SimpleNamespace:
+        return SimpleNamespace(remote=lambda *args: lambda: getattr(self.shard, method)(*args))
+
+
+def direct_get(calls, timeout=None):
+    return [call() for call in calls] if isinstance(calls, list) else calls()
+
+
+@pytest.mark.parametrize("lands", ["before the start's swap", "between the start's reads of the log and the twins"])
+def test_the_starts_finishing_of_an_interrupted_swap_leaves_a_promotion_landing_meanwhile_in_place(
+        tmp_path, monkeypatch, lands):
+    """The backend's start finishes a promotion's interrupted swap (1.1.0 in production, the twin still on 1.0.0)
+    while the ingress promotes 1.2.0 and swaps the twins to it, its boundary taken before the start's: the new
+    promotion's swap stands. The start's swap, planned on what it read, undid it: the twin ran 1.1.0 for good under
+    1.2.0's production."""
+    from actors.live_models import LiveModels
+    from serve_apps.audit import AuditLog
+    from serve_apps.promotions import finish_interrupted_swaps
+
+    registry = ModelRegistry(str(tmp_path / "models"))
+    old, interrupted, new = (registry.register("zone", v, AssetType.from_model(THERMAL_RC)) for v in
+                             ("1.0.0", "1.1.0", "1.2.0"))
+    lc, author = ModelLifecycle(registry), Actor(id="alice", tenant="acme")
+    approver = Actor(id="bob", tenant="acme", roles=frozenset({"approver"}))
+    promote = lambda art: [lc.transition(art.ref, to, approver if to == "production" else author,  # noqa: E731
+                                         "checked") for to in ("candidate", "staging", "production")]
+    live = shard(tmp_path / "shard")
+    live.register("acme", "z1", registration_record(asset("z1"), old, None, None))
+    promote(interrupted)  # ...and the backend died before the swap
+    monkeypatch.setattr("ray.get", direct_get)
+    models = LiveModels([Direct(live)])
+    boundary, read, swap = datetime.now(UTC) - timedelta(minutes=1), models.swap_marks, models.swap
+    hooked = "swap" if lands == "before the start's swap" else "swap_marks"
+
+    def promotion_first(*args, **kwargs):  # the ingress's promotion and its swap, then the start's call
+        monkeypatch.setattr(models, hooked, {"swap": swap, "swap_marks": read}[hooked])
+        promote(new)
+        swap("acme", new, boundary)
+        return getattr(models, hooked)(*args, **kwargs)
+
+    monkeypatch.setattr(models, hooked, promotion_first)
+    done = finish_interrupted_swaps(lc, models, "acme", AuditLog(str(tmp_path / "store")))
+    assert live.swap_marks("acme", "zone") == {"z1": (new.ref, int(boundary.timestamp() * 1e6))}
+    if hooked == "swap":
+        assert "after this swap was planned" in done[interrupted.ref].refused["z1"]
+    else:
+        assert done == {}
 
 
 def test_shadow_resumes_after_a_shard_restart_with_the_uninterrupted_statistics(tmp_path, versions):
