@@ -88,7 +88,8 @@ class ConnectorOps:
         takeover in the seconds since would otherwise start them all beside the successor's until the backend's
         store watch stopped them (the default, no check: the CLI's and tests' own)."""
         self.files, self.reach, self.audit = TenantFiles(tls_dir), Reach(hosts), audit
-        self._supervising = threading.Lock()  # one pass at a time: two would start one connector twice
+        self._supervising = threading.Lock()  # one pass at a time (two would start one connector twice), and none
+        # beside a create or delete (`_unsupervised`)
         self.operators = {(d.get("tenant"), d.get("name")) for d in declared}  # declared in the service config
         self.connectors = Connectors(twins.router, twins.assets, self._reach_of, self._files_of)
         stop_connector_actors(twins.router.namespace, legacy=True)  # an earlier version's: restarted under new names
@@ -134,6 +135,14 @@ class ConnectorOps:
         return audited(self.audit, by_system(spec.tenant, "connector.start", spec.name, {
             "kind": spec.kind, "reason": f"{spec.session_key()} is no longer in use by another connector"}))
 
+    def _unsupervised(self) -> AbstractContextManager[object]:
+        """No supervision pass meanwhile (`supervise`'s lock): a pass reads a waiting connector's declaration, then
+        starts its actor, which reads the declaration itself; a delete or a new declaration in between (the store
+        watch's pass beside the route) left a deleted connector's actor started after the delete stopped it, or the
+        replaced declaration running under the new one's name (a create answers with the actor that runs), its old
+        client id included."""
+        return self._supervising
+
     def _supervised(self) -> None:
         """`supervise` after a deletion or declaration that may have let a client id go, on a thread of its own: the
         request that let it go answers as soon whether a connector waited for the id or not (its tenant must not
@@ -169,7 +178,8 @@ class ConnectorOps:
         declared = parse_spec({**spec, "tenant": tenant})
         if (source := declared.source()) is not None and (why := self.reach.refusal(*source)):
             raise Unprocessable(f"connector {declared.name!r}: {why}")
-        created = self.connectors.create(declared, credentials)
+        with self._unsupervised():
+            created = self.connectors.create(declared, credentials)
         self._supervised()  # its earlier client id, if it changed, may have gone to a connector waiting for it
         return self.view(tenant, created.name) | {"status": created.model_dump(mode="json")}
 
@@ -206,7 +216,8 @@ class ConnectorOps:
     @_api_errors
     def delete(self, tenant: str, name: str) -> None:
         self._refuse_operators(tenant, name, "delete")
-        self.connectors.delete(tenant, name)
+        with self._unsupervised():
+            self.connectors.delete(tenant, name)
         self._supervised()
 
     @_api_errors

@@ -407,6 +407,52 @@ def test_a_connector_waiting_for_its_client_id_starts_once_its_holder_lets_it_go
     assert Unstarted(tmp_path / "store").start_declared() == 1
 
 
+@pytest.mark.parametrize("change", ["deleted", "declared again"])
+def test_a_supervision_pass_due_while_a_waiting_connector_changes_starts_what_is_declared_after(
+        tmp_path: Path, unstarted: Unstarted, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    """A pass (the store watch's, every few seconds) reads a waiting connector's declaration, then starts its actor,
+    which reads the declaration itself. Run between a route's stop of that connector and its store write, it started
+    the deleted connector's actor after the delete stopped it (detached, for good), or the declaration being replaced
+    (a create answers with the actor that runs: the old client id's). The routes' changes run under the pass's lock:
+    the pass runs after them, on what they declared."""
+    from connectors.mqtt import MqttKind
+    from serve_apps.connector_ops import ConnectorOps
+
+    monkeypatch.setattr(MqttKind, "end_session", lambda self, *args: True)
+    store, holder, waiter = unstarted.store, _mqtt("globex", "line", "gw-1"), _mqtt("acme", "a-line", "gw-1")
+    _declared_in_order(store, tmp_path / "store", holder, waiter)
+    assert unstarted.start_declared() == 1
+    ops = ConnectorOps.__new__(ConnectorOps)  # without connectors to start
+    ops.reach, ops.operators, ops.connectors = Reach(None), set(), unstarted
+    ops.audit, ops._supervising = None, threading.Lock()
+    monkeypatch.setattr(ops, "_supervised", lambda: None)  # the passes run here, in the order the test sets
+    ops.delete("globex", "line")  # its id passed on: a-line is due to start at the next pass
+    kill, actor, started_as = unstarted._kill, unstarted._actor, []
+
+    def stop_then_pass_if_due(tenant: str, name: str) -> None:  # the route's stop, then the pass at that moment
+        kill(tenant, name)
+        if ops._supervising.acquire(blocking=False):  # (a pass waits while the lock is held)
+            ops._supervising.release()
+            ops.supervise()
+
+    def start(tenant: str, name: str) -> Any:  # an actor reads the declaration as it starts
+        if (tenant, name) not in unstarted.alive:
+            started_as.append(unstarted._declared(tenant, name))
+        return actor(tenant, name)
+
+    monkeypatch.setattr(unstarted, "_kill", stop_then_pass_if_due)
+    monkeypatch.setattr(unstarted, "_actor", start)
+    if change == "deleted":
+        ops.delete("acme", "a-line")
+    else:
+        ops.create("acme", _declaration("a-line", "gw-2"), None)
+    ops.supervise()  # the pass that waited
+    if change == "deleted":
+        assert ("acme", "a-line") not in unstarted.alive and started_as == []
+    else:
+        assert [s.broker.client_id for s in started_as] == ["gw-2"]
+
+
 def test_of_connectors_waiting_for_one_client_id_the_earliest_declared_gets_it_and_only_once_the_session_ended(
         tmp_path: Path, unstarted: Unstarted, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Of two connectors waiting for one id, the earlier declared gets it (not the first by name), the other once
