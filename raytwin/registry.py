@@ -26,7 +26,7 @@ from raytwin.modelcode import ModelCode, code_identity, describe_change
 from raytwin.sim import ModelCheckError, get_model
 from raytwin.sim.discovery import FMU_REF
 from raytwin.sim.model import Declared
-from raytwin.storage import canonical_json, filesystem, replace_file
+from raytwin.storage import canonical_json, filesystem, replace_file, write_once
 from raytwin.store_failures import store_io
 
 
@@ -259,22 +259,26 @@ class ModelRegistry:
     @store_io("write")
     def _store(self, artifact: ModelArtifact) -> None:
         """Write a checked `artifact` (nothing if this version holds it already; `VersionConflict` if it holds
-        other content)."""
+        other content). The version's pointer is created exclusively: of two registrations of one version racing
+        (a drift recalibration's and a tenant's, two processes), the second is refused, not written over the first."""
         name, version, digest = artifact.name, artifact.version, artifact.content_hash
         pointer = self._pointer(name, version)
-        if self.fs.exists(pointer):
-            existing = json.loads(self.fs.cat_file(pointer))["sha256"]
-            if existing != digest:
-                registered = self._read(name, version, existing)
-                differences = model_differences(registered, artifact)
-                raise VersionConflict(
-                    f"{name}@{version} is already registered with different content "
-                    f"(sha256 {existing[:12]}..., new {digest[:12]}...): "
-                    + ("; ".join(differences) if differences else "its metadata differs")
-                    + "; register a new version", tuple(differences), registered)
-            return
-        replace_file(self.fs, self._blob(digest), artifact.body())  # whole before the pointer names it
-        replace_file(self.fs, pointer, canonical_json({"name": name, "version": version, "sha256": digest}))
+        if not self.fs.exists(pointer):
+            replace_file(self.fs, self._blob(digest), artifact.body())  # whole before the pointer names it
+            try:
+                write_once(self.fs, pointer, canonical_json({"name": name, "version": version, "sha256": digest}))
+                return
+            except FileExistsError:  # registered since the check: as if it had been there before
+                pass
+        existing = json.loads(self.fs.cat_file(pointer))["sha256"]
+        if existing != digest:
+            registered = self._read(name, version, existing)
+            differences = model_differences(registered, artifact)
+            raise VersionConflict(
+                f"{name}@{version} is already registered with different content "
+                f"(sha256 {existing[:12]}..., new {digest[:12]}...): "
+                + ("; ".join(differences) if differences else "its metadata differs")
+                + "; register a new version", tuple(differences), registered)
 
     def check_fmu_store(self, ref: str, simulator: str) -> None:
         """An FMU is native code: a registry pins only FMUs stored with it (``<registry>/fmus/``, where

@@ -30,6 +30,28 @@ def test_register_and_get_returns_the_identical_artifact(registry):
     assert registry.register("office-zone", "1.0.0", THERMAL, {"C_in": 2.4e6}, {"site": "berlin"}) == art
 
 
+def test_of_two_registrations_of_one_version_racing_the_second_is_refused(registry, monkeypatch):
+    """A drift recalibration registering the next free patch version in its own process, and a tenant registering
+    the same version: both found it free, and the second pointer written replaced the first, both answered as
+    registered (a registered version's content changed under its first registrant's run record). The pointer is
+    created exclusively: the one that comes second is refused as if the version had been there before."""
+    rival = ModelRegistry(registry.url)  # another process's registry (the filesystem object is shared: once)
+    exists, raced = registry.fs.exists, []
+
+    def other_registers_after_the_check(path: str) -> bool:
+        found = exists(path)
+        if not raced and path.endswith("office-zone/2.0.1.json"):
+            raced.append(None)
+            raced[0] = rival.register("office-zone", "2.0.1", THERMAL, {"C_in": 2.4e6})
+        return found
+
+    monkeypatch.setattr(registry.fs, "exists", other_registers_after_the_check)
+    with pytest.raises(VersionConflict, match="already registered with different content"):
+        registry.register("office-zone", "2.0.1", THERMAL, {"C_in": 2.5e6})
+    assert registry.get("office-zone@2.0.1") == raced[0]
+    assert registry.register("office-zone", "2.0.1", THERMAL, {"C_in": 2.4e6}) == raced[0]  # the same: no conflict
+
+
 def test_parameters_not_given_are_the_asset_types_declared_defaults(registry):
     """A published type's defaults are what its version runs (not the simulator's typical values)."""
     declared = THERMAL.model_copy(update={"parameters": {**THERMAL.parameters, "R_io": THERMAL.parameters[
