@@ -8,10 +8,11 @@ another version of a model with a production version is swapped to it, for event
 and the swap is audited as the system's, its intent first: a store that cannot take it leaves the swap to
 the next start.
 
-The ingress serves promotions while the backend starts, so a new promotion can land beside this: each twin is
-swapped only while it still runs what was read (`actors.live_models.LiveModels.swap`'s `marks`; one the new
-promotion swapped since keeps that), and a model whose production version changed between the read of its log and
-of its twins is left to that promotion's own swap.
+The ingress serves promotions while the backend starts, so a new promotion can land beside this. Each twin is
+swapped only while it still runs what was read (`actors.live_models.LiveModels.swap`'s `marks`: one the new
+promotion swapped since keeps that), only while the log's production version is the one read before the twins
+were; and once swapped, the log is read again: a promotion recorded meanwhile, whose own swap the twins may have
+refused (the start's boundary came later), is finished too (`FINISH_TRIES` times at most).
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ import logging
 from datetime import UTC, datetime
 
 from actors.live_models import LiveModels, SwapOutcome
+from actors.swap import SwapMark
 from raytwin.lifecycle import ChainBroken, ModelLifecycle
 from serve_apps.audit import AuditLog
 from serve_apps.audit_steps import audited, by_system
 from serve_apps.store_errors import StoreUnavailable
 
 log = logging.getLogger("raytwin.serve.promotions")
+FINISH_TRIES = 3
+"""How many times a model's production version is read and its twins finished while promotions keep landing beside
+the start: those after are their own swaps' (or the next start's)."""
 
 
 def finish_interrupted_swaps(lifecycle: ModelLifecycle, models: LiveModels, tenant: str,
@@ -34,29 +39,42 @@ def finish_interrupted_swaps(lifecycle: ModelLifecycle, models: LiveModels, tena
     production ref (twins refused a swap, e.g. another state layout, keep their model and are named)."""
     done: dict[str, SwapOutcome] = {}
     for model in lifecycle.models():
-        ref = _production(lifecycle, tenant, model)
-        behind = {} if ref is None else models.swap_marks(tenant, model, other_than=ref)
-        if not behind:
-            continue
-        if _production(lifecycle, tenant, model) != ref:  # a transition since: the twins read may be its swap's
-            log.warning("event=interrupted_swap_superseded tenant=%s model=%s: the production version changed "
-                        "meanwhile, whose own swap moves the twins", tenant, ref)
-            continue
-        at = datetime.now(UTC)
-        try:
-            with audited(audit, by_system(tenant, "model.swap", ref, {"at": at.isoformat(), "reason": (
-                    "the promotion's swap was interrupted; finished at start")})) as step:
-                outcome = models.swap(tenant, lifecycle.registry.get(ref), at, marks=behind)
-                swapped = [s.asset_id for s in outcome.states]
-                step.update(swapped=swapped, refused=outcome.refused)
-        except StoreUnavailable as exc:  # (only `begin`'s) its intent not written: not swapped; the next start tries
-            log.error("event=interrupted_swap_deferred tenant=%s model=%s twins=%d error=%r", tenant, ref, len(behind),
-                      exc.message)
-            continue
-        done[ref] = outcome
-        log.warning("event=interrupted_swap_finished tenant=%s model=%s swapped=%d refused=%d", tenant, ref,
-                    len(swapped), len(outcome.refused))
+        for _ in range(FINISH_TRIES):
+            ref = _production(lifecycle, tenant, model)
+            behind = {} if ref is None else models.swap_marks(tenant, model, other_than=ref)
+            if not behind:
+                break
+            if _production(lifecycle, tenant, model) != ref:  # a promotion since: the twins read may be its swap's
+                continue
+            outcome = _swap(lifecycle, models, tenant, audit, ref, behind)
+            if outcome is None:
+                break
+            done[ref] = outcome
+            if _production(lifecycle, tenant, model) == ref:
+                break
+            log.warning("event=interrupted_swap_overtaken tenant=%s model=%s: another version was promoted while its "
+                        "twins were swapped; finishing that one too", tenant, ref)
     return done
+
+
+def _swap(lifecycle: ModelLifecycle, models: LiveModels, tenant: str, audit: AuditLog, ref: str,
+          behind: dict[str, SwapMark]) -> SwapOutcome | None:
+    """Swap the twins `behind` (their marks as read) to `ref`, audited as the system's; None: the store took no
+    intent (nothing swapped: the next start tries)."""
+    at = datetime.now(UTC)
+    try:
+        with audited(audit, by_system(tenant, "model.swap", ref, {"at": at.isoformat(), "reason": (
+                "the promotion's swap was interrupted; finished at start")})) as step:
+            outcome = models.swap(tenant, lifecycle.registry.get(ref), at, marks=behind)
+            swapped = [s.asset_id for s in outcome.states]
+            step.update(swapped=swapped, refused=outcome.refused)
+    except StoreUnavailable as exc:  # (only `begin`'s) its intent not written: not swapped; the next start tries
+        log.error("event=interrupted_swap_deferred tenant=%s model=%s twins=%d error=%r", tenant, ref, len(behind),
+                  exc.message)
+        return None
+    log.warning("event=interrupted_swap_finished tenant=%s model=%s swapped=%d refused=%d", tenant, ref,
+                len(swapped), len(outcome.refused))
+    return outcome
 
 
 def _production(lifecycle: ModelLifecycle, tenant: str, model: str) -> str | None:

@@ -224,13 +224,14 @@ def direct_get(calls, timeout=None):
     return [call() for call in calls] if isinstance(calls, list) else calls()
 
 
-@pytest.mark.parametrize("lands", ["before the start's swap", "between the start's reads of the log and the twins"])
-def test_the_starts_finishing_of_an_interrupted_swap_leaves_a_promotion_landing_meanwhile_in_place(
+@pytest.mark.parametrize("lands", ["between the start's reads of the log and the twins", "before the start's swap",
+                                   "during the start's swap"])
+def test_the_starts_finishing_of_an_interrupted_swap_leaves_the_twins_on_a_promotion_landing_meanwhile(
         tmp_path, monkeypatch, lands):
     """The backend's start finishes a promotion's interrupted swap (1.1.0 in production, the twin still on 1.0.0)
-    while the ingress promotes 1.2.0 and swaps the twins to it, its boundary taken before the start's: the new
-    promotion's swap stands. The start's swap, planned on what it read, undid it: the twin ran 1.1.0 for good under
-    1.2.0's production."""
+    while the ingress promotes 1.2.0 and swaps the twins to it, its boundary taken before the start's: the twin ends
+    on 1.2.0. The start's swap, planned on what it read, undid the new promotion's, or came first with its later
+    boundary and made the twin refuse it: the twin ran 1.1.0 for good under 1.2.0's production."""
     from actors.live_models import LiveModels
     from serve_apps.audit import AuditLog
     from serve_apps.promotions import finish_interrupted_swaps
@@ -247,20 +248,29 @@ def test_the_starts_finishing_of_an_interrupted_swap_leaves_a_promotion_landing_
     promote(interrupted)  # ...and the backend died before the swap
     monkeypatch.setattr("ray.get", direct_get)
     models = LiveModels([Direct(live)])
-    boundary, read, swap = datetime.now(UTC) - timedelta(minutes=1), models.swap_marks, models.swap
-    hooked = "swap" if lands == "before the start's swap" else "swap_marks"
+    hooked = "swap_marks" if lands.startswith("between") else "swap"
+    start_call, boundary = getattr(models, hooked), datetime.now(UTC) - timedelta(minutes=1)
 
-    def promotion_first(*args, **kwargs):  # the ingress's promotion and its swap, then the start's call
-        monkeypatch.setattr(models, hooked, {"swap": swap, "swap_marks": read}[hooked])
+    def ingress_promotes() -> None:  # recorded, then its twins swapped (`swap_on_promotion`)
         promote(new)
-        swap("acme", new, boundary)
-        return getattr(models, hooked)(*args, **kwargs)
+        models.swap("acme", new, boundary)
 
-    monkeypatch.setattr(models, hooked, promotion_first)
+    def promotion_beside(*args, **kwargs):  # the start's call, with the ingress's promotion landing at `lands`
+        monkeypatch.setattr(models, hooked, start_call)
+        if lands == "during the start's swap":
+            outcome = start_call(*args, **kwargs)
+            ingress_promotes()  # (refused by the twin: the start's swap has the later boundary)
+            return outcome
+        ingress_promotes()
+        return start_call(*args, **kwargs)
+
+    monkeypatch.setattr(models, hooked, promotion_beside)
     done = finish_interrupted_swaps(lc, models, "acme", AuditLog(str(tmp_path / "store")))
-    assert live.swap_marks("acme", "zone") == {"z1": (new.ref, int(boundary.timestamp() * 1e6))}
-    if hooked == "swap":
+    assert live.twins_of_model("acme", "zone", running=new.ref) == ["z1"]
+    if lands == "before the start's swap":
         assert "after this swap was planned" in done[interrupted.ref].refused["z1"]
+    elif lands == "during the start's swap":
+        assert [s.asset_id for s in done[new.ref].states] == ["z1"]
     else:
         assert done == {}
 
