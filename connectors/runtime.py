@@ -9,6 +9,7 @@ without a distributed lock.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -24,10 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from actors.ingest import ShardRouter
 from connectors.commands import Command, CommandLedger, CommandStatus, Refused, Unconfirmed
 from connectors.kinds import kind_of, parse_spec
+from connectors.mapping import DeadLetter
 from connectors.pump import Pump
 from connectors.reach import Reach
 from connectors.seen_letters import SeenLetters
-from connectors.sink import TwinSink
+from connectors.sink import Inbound, TwinSink
 from connectors.spec import ConnectorStore, Desired
 from connectors.tenant_files import TenantFiles
 from raytwin import metrics
@@ -44,6 +46,11 @@ SEEN_MARGIN_S = 3600.0
 """How much earlier than its backfill's reach a restarted connector looks for its dead letters: a value's dead letter
 is written when it arrives, which a controller clock ahead of the service's puts before its source timestamp."""
 ALIVE_JOIN_S = 30.0
+ANSWER_WRITE_TRIES = 300
+"""How often an asset's answer is written to its command's record (once when it arrives, then once a tick: about
+5 minutes) before it is given up: dead-lettered with the answer (the source's message acknowledged once that is
+written) and said in `last_error`. Tried for good, one record that cannot be written (a deleted or unreadable one, a
+store refusing it) held its message unacknowledged forever, and every pause waited out its drain for it."""
 STATUS_GROUP = "status"
 """The actor's concurrency group of `status` alone (one thread): every other call runs one at a time, in the default
 group, which is what keeps a command from being sent twice."""
@@ -60,9 +67,19 @@ class _Answer:
     once it is (MQTT: its message's PUBACK)."""
 
     command_id: str
+    asset_id: str
     ack: dict[str, Any]
     ok: bool
     done: list[Callable[[], None]]
+    deadline: datetime | None
+    """Its command's expiry (None: it expired), put back if the answer is given up (`ANSWER_WRITE_TRIES`): the command
+    then settles as unanswered."""
+    tries: int = 0
+
+    def acknowledge(self) -> None:
+        """Acknowledge every copy of the answer at its source."""
+        for done in self.done:
+            done()
 
 
 class ConnectorState(StrEnum):
@@ -154,6 +171,8 @@ class ConnectorRuntime:
         self._awaiting = {c.correlation_id: (c.id, c.asset_id) for c in mine
                           if c.correlation_id in self._deadlines or c.correlation_id in self._late}
         self._answers: dict[str, _Answer] = {}  # by correlation id: received, their ledger write still to land
+        self._answer_error: tuple[str, datetime] | None = None  # an answer's failed write, until one lands
+        self._answer_errors = 0
         self._connected_once = store.had_connected(tenant, name)  # this declaration's source has a session of it
         # an earlier process that had connected ran until then (one that never had left no session to lose)
         predecessor_seen = store.last_alive(tenant, name) if self._connected_once else None
@@ -277,16 +296,18 @@ class ConnectorRuntime:
             tenant=self.tenant, name=self.name, kind=self.spec.kind, state=self.desired,
             connected=self.adapter.connected(), messages=s.messages, acknowledged=s.acknowledged,
             pending=self.pump.pending(), accepted=s.accepted, duplicates=s.duplicates, rejected=s.rejected,
-            dead_lettered=s.dead_lettered, errors=s.delivery_errors + self.adapter.errors,
+            dead_lettered=s.dead_lettered, errors=s.delivery_errors + self.adapter.errors + self._answer_errors,
             **self._last_error(), lag_s=s.lag_s(), newest_event_time=s.newest_event_time, draining=self._draining)
 
     def _last_error(self) -> dict[str, Any]:
-        """The newer of the source's and the delivery's current errors. One read while its thread (the client's, the
-        pump's) had set its message and not yet its time is left out: `status` runs beside them and beside the actor's
-        other calls (`STATUS_GROUP`), and such a message, with the other's error, compared None with a time (a
-        `TypeError` that failed the status)."""
+        """The newest of the source's, the delivery's and the answers' (`_record`) current errors. One read while its
+        thread (the client's, the pump's) had set its message and not yet its time is left out: `status` runs beside
+        them and beside the actor's other calls (`STATUS_GROUP`), and such a message, with the other's error, compared
+        None with a time (a `TypeError` that failed the status)."""
+        answer_error, answer_error_at = self._answer_error or (None, None)
         current = [(at, message) for message, at in ((self.adapter.last_error, self.adapter.last_error_at),
-                                                     (self.pump.stats.last_error, self.pump.stats.last_error_at))
+                                                     (self.pump.stats.last_error, self.pump.stats.last_error_at),
+                                                     (answer_error, answer_error_at))
                    if message is not None and at is not None]
         at, message = max(current, default=(None, None))
         return {"last_error": message, "last_error_at": at}
@@ -333,10 +354,10 @@ class ConnectorRuntime:
             if (waiting := self._answers.get(correlation_id)) is not None:  # a copy, sent again: the first counts
                 waiting.done.append(done)
                 return
-            self._deadlines.pop(correlation_id, None)  # answered: neither expired nor forgotten while it is written
+            deadline = self._deadlines.pop(correlation_id, None)  # answered: neither expired nor forgotten meanwhile
             self._late.pop(correlation_id, None)
             ok = str(ack.get("status", "ok")).lower() in ("ok", "done", "accepted", "success")
-            self._answers[correlation_id] = _Answer(command_id, ack, ok, [done])
+            self._answers[correlation_id] = _Answer(command_id, asset_id, ack, ok, [done], deadline)
             self._record(correlation_id)
 
     def _record_answers(self) -> None:
@@ -348,17 +369,49 @@ class ConnectorRuntime:
     def _record(self, correlation_id: str) -> None:
         """Write an answer to the ledger (under `_commands`); once it landed, forget its command and acknowledge the
         answer's copies. Writing it again after a write that landed unseen changes nothing: the ledger keeps the
-        first answer."""
+        first answer. A failed write is a delivery error (`errors`, `last_error`, the `delivery_errors` metric);
+        after `ANSWER_WRITE_TRIES` the answer is given up (`_give_up`)."""
         answer = self._answers[correlation_id]
+        answer.tries += 1
         try:
             self.ledger.acknowledged(self.tenant, answer.command_id, answer.ack, answer.ok)
         except Exception as exc:  # noqa: BLE001 - a store hiccup: written again at the next tick
-            log.warning("event=command_ack_write_failed tenant=%s connector=%s command=%s error=%r", self.tenant,
-                        self.name, answer.command_id, exc)
+            log.warning("event=command_ack_write_failed tenant=%s connector=%s command=%s try=%d error=%r",
+                        self.tenant, self.name, answer.command_id, answer.tries, exc)
+            self._answer_errors += 1
+            metrics.CONNECTOR_MESSAGES.inc(connector=self.pump.name, outcome="delivery_errors")
+            why = f"{type(exc).__name__}: {str(exc)[:300]}"
+            if answer.tries >= ANSWER_WRITE_TRIES:
+                self._give_up(correlation_id, why)
+            else:
+                self._answer_error = (f"asset {answer.asset_id}'s answer to command {answer.command_id} could not be "
+                                      f"recorded on it (try {answer.tries} of {ANSWER_WRITE_TRIES}, one a second): "
+                                      f"{why}", datetime.now(UTC))
             return
+        self._answer_error = None  # the ledger takes answers again: a failure before is over
         del self._answers[correlation_id], self._awaiting[correlation_id]
-        for done in answer.done:
-            done()
+        answer.acknowledge()
+
+    def _give_up(self, correlation_id: str, why: str) -> None:
+        """Stop writing an answer its command's record does not take: dead-letter it (the pump acknowledges its copies
+        at the source once the dead letter is written), say so in `last_error`, and put its command's deadline back,
+        so that the command settles as unanswered (expired) rather than staying sent (connectors/README.md says what
+        the operator does)."""
+        answer = self._answers.pop(correlation_id)
+        reason = (f"asset {answer.asset_id}'s answer to command {answer.command_id} (correlation id {correlation_id}) "
+                  f"could not be recorded on the command after {answer.tries} tries: {why}; given up: the answer is "
+                  "this dead letter, and the command settles as unanswered")
+        log.error("event=command_ack_given_up tenant=%s connector=%s command=%s error=%r", self.tenant, self.name,
+                  answer.command_id, why)
+        self._answer_error = (reason, datetime.now(UTC))
+        if answer.deadline is not None:
+            self._deadlines[correlation_id] = answer.deadline
+        else:  # a late answer to an expired command, which stays expired
+            del self._awaiting[correlation_id]
+        source = f"{self.spec.kind}://{self.name}/commands/{answer.command_id}"
+        raw = json.dumps(answer.ack, default=str).encode()
+        self.pump.put(Inbound(source, [], [DeadLetter.of(source, answer.asset_id, None, reason, raw)],
+                              answer.acknowledge))
 
     def stop(self) -> None:
         self._stopped.set()

@@ -1249,30 +1249,50 @@ def test_junk_on_the_ack_topic_is_dead_lettered_and_the_connector_goes_on(twins,
     assert all(r.endswith(fix) for r, _ in letters)
 
 
+def _answered_runtime(tmp_path, monkeypatch, ack_timeout_s: float) -> tuple:
+    """A command sent by a connector runtime, whose answers arrive through a real MQTT adapter's receive path (no
+    broker, no Ray): (the ledger, the sent command, the runtime, its adapter, what they put in the pump, the PUBACKs
+    sent, `deliver(mid)`: an answer to the command as the broker's message `mid`)."""
+    from types import SimpleNamespace
+
+    from connectors.commands import CommandLedger
+    from connectors.mqtt import MQTT
+    from connectors.pump import PumpStats
+    from connectors.runtime import ConnectorRuntime
+
+    ledger = CommandLedger(str(tmp_path / "store"))
+    proposed = ledger.propose("acme", "plant", "pump-1", "setpoint", {"q_in": 0.2}, by="key-alice")
+    ledger.approve("acme", proposed.id, "key-bob")
+    sent = ledger.sent(ledger.claim("acme", proposed.id, "plant"), ack_timeout_s=ack_timeout_s)
+    runtime = object.__new__(ConnectorRuntime)  # what __init__ sets for a command it sent
+    runtime.ledger, runtime.tenant, runtime.name, runtime._commands = ledger, "acme", "plant", threading.Lock()
+    runtime._awaiting, runtime._late, runtime._answers = {sent.correlation_id: (sent.id, "pump-1")}, {}, {}
+    runtime._deadlines = {sent.correlation_id: sent.ack_deadline}
+    runtime._answer_error, runtime._answer_errors = None, 0
+    runtime.spec = MqttSpec.model_validate(plant_spec(1))
+    put: list = []
+    runtime.pump = SimpleNamespace(name="acme/plant", put=put.append, stats=PumpStats())
+    runtime.adapter = adapter = MQTT.adapter(runtime.spec, Credentials(), put.append, runtime._on_ack)
+    pubacks: list[int] = []
+    monkeypatch.setattr(adapter.client, "ack", lambda mid, qos: pubacks.append(mid))
+    answer = json.dumps({"correlation_id": sent.correlation_id, "status": "ok"}).encode()
+
+    def deliver(mid: int) -> None:
+        adapter._on_message(adapter.client, None, SimpleNamespace(mid=mid, qos=1, retain=False,
+                                                                  topic="plant/pump-1/ack", payload=answer))
+    return ledger, sent, runtime, adapter, put, pubacks, deliver
+
+
 def test_an_answer_the_ledger_failed_to_record_is_kept_unacknowledged_until_it_lands(tmp_path, monkeypatch):
     """`ConnectorRuntime._on_ack` forgot the awaited command before the ledger write of its answer: a store outage
     then left the answer in a dead letter alone (its message acknowledged) and the command expired unanswered
     although the asset had answered. The answer is kept and written again each tick, its message acknowledged once
     the write landed; the command does not expire meanwhile, and the copy the broker sends after a reconnect is
     written once. No broker, no Ray: the runtime's command bookkeeping behind a real adapter's receive path."""
-    from types import SimpleNamespace
-
     from connectors.commands import CommandLedger
-    from connectors.mqtt import MQTT
-    from connectors.runtime import ConnectorRuntime
 
-    ledger = CommandLedger(str(tmp_path / "store"))
-    proposed = ledger.propose("acme", "plant", "pump-1", "setpoint", {"q_in": 0.2}, by="key-alice")
-    ledger.approve("acme", proposed.id, "key-bob")
-    sent = ledger.sent(ledger.claim("acme", proposed.id, "plant"), ack_timeout_s=0.0)  # its deadline passed at once
-    runtime = object.__new__(ConnectorRuntime)  # what __init__ sets for a command it sent
-    runtime.ledger, runtime.tenant, runtime.name, runtime._commands = ledger, "acme", "plant", threading.Lock()
-    runtime._awaiting, runtime._late, runtime._answers = {sent.correlation_id: (sent.id, "pump-1")}, {}, {}
-    runtime._deadlines = {sent.correlation_id: sent.ack_deadline}
-    dead: list = []
-    adapter = MQTT.adapter(MqttSpec.model_validate(plant_spec(1)), Credentials(), dead.append, runtime._on_ack)
-    pubacks: list[int] = []
-    monkeypatch.setattr(adapter.client, "ack", lambda mid, qos: pubacks.append(mid))
+    ledger, sent, runtime, adapter, dead, pubacks, deliver = _answered_runtime(  # its deadline passed at once
+        tmp_path, monkeypatch, ack_timeout_s=0.0)
     store_down, landed = True, []
     record = CommandLedger.acknowledged
 
@@ -1283,12 +1303,6 @@ def test_an_answer_the_ledger_failed_to_record_is_kept_unacknowledged_until_it_l
         return record(self, *args)
 
     monkeypatch.setattr(CommandLedger, "acknowledged", acknowledged)
-    answer = json.dumps({"correlation_id": sent.correlation_id, "status": "ok"}).encode()
-
-    def deliver(mid: int) -> None:
-        adapter._on_message(adapter.client, None, SimpleNamespace(mid=mid, qos=1, retain=False,
-                                                                  topic="plant/pump-1/ack", payload=answer))
-
     deliver(1)
     runtime._expire_overdue()  # a tick past its deadline
     assert (pubacks, dead, ledger.get("acme", sent.id).status) == ([], [], CommandStatus.sent)
@@ -1305,6 +1319,53 @@ def test_an_answer_the_ledger_failed_to_record_is_kept_unacknowledged_until_it_l
     runtime._expire_overdue()
     assert (len(landed), pubacks, dead) == (1, [2, 3], [])
     assert ledger.get("acme", sent.id).status is CommandStatus.acknowledged
+
+
+def test_an_answer_its_command_record_never_takes_is_given_up_dead_lettered_and_said(tmp_path, monkeypatch):
+    """An answer whose ledger write kept failing (a record the store refuses for good) was written again every tick
+    forever, its message unacknowledged (every pause waited its drain out for it) and nothing but a log line said so.
+    Each failed write is a delivery error (`errors`, the `delivery_errors` metric, `last_error`); after
+    `ANSWER_WRITE_TRIES` the answer is dead-lettered with its payload, its message acknowledged once that dead letter
+    is written, and its command settles as unanswered: expired at its deadline."""
+    from types import SimpleNamespace
+
+    from connectors import runtime as runtime_module
+    from connectors.commands import CommandLedger
+    from raytwin import metrics
+
+    monkeypatch.setattr(runtime_module, "ANSWER_WRITE_TRIES", 3)
+    counted: list = []
+    monkeypatch.setattr(metrics, "CONNECTOR_MESSAGES", SimpleNamespace(inc=lambda n=1, **tags: counted.append(tags)))
+    ledger, sent, runtime, adapter, put, pubacks, deliver = _answered_runtime(tmp_path, monkeypatch, ack_timeout_s=0.0)
+
+    def refused(self, *args):
+        raise PermissionError("the store refuses this record")
+
+    monkeypatch.setattr(CommandLedger, "acknowledged", refused)
+    deliver(1)
+    runtime._expire_overdue()  # past its deadline: the answer is still being written
+    assert (put, pubacks, ledger.get("acme", sent.id).status) == ([], [], CommandStatus.sent)
+    assert runtime._last_error()["last_error"] == (
+        f"asset pump-1's answer to command {sent.id} could not be recorded on it (try 1 of 3, one a second): "
+        "PermissionError: the store refuses this record")
+    runtime._record_answers()
+    assert (put, pubacks) == ([], [])
+    runtime._record_answers()  # the third try: given up
+    [letter] = put
+    [dead] = letter.dead
+    assert (letter.rows, dead.source, dead.asset_id) == ([], f"mqtt://plant/commands/{sent.id}", "pump-1")
+    assert json.loads(dead.raw) == {"correlation_id": sent.correlation_id, "status": "ok"}
+    assert dead.reason == runtime._last_error()["last_error"] == (
+        f"asset pump-1's answer to command {sent.id} (correlation id {sent.correlation_id}) could not be recorded on "
+        "the command after 3 tries: PermissionError: the store refuses this record; given up: the answer is this "
+        "dead letter, and the command settles as unanswered")
+    assert pubacks == []  # until the dead letter is written
+    letter.ack()
+    runtime._record_answers()
+    assert (pubacks, len(put), runtime._answer_errors) == ([1], 1, 3)  # no fourth try
+    assert counted == [{"connector": "acme/plant", "outcome": "delivery_errors"}] * 3
+    runtime._expire_overdue()
+    assert ledger.get("acme", sent.id).status is CommandStatus.expired
 
 
 def test_a_command_the_broker_confirms_late_is_sent_unconfirmed_and_its_ack_still_counts(twins, connectors, tmp_path):
