@@ -133,6 +133,23 @@ def _saves_claimed(claimed: Command, same: bool) -> bool:
     return same or claimed.status is CommandStatus.refused
 
 
+def _failed_by_restart(command: Command) -> str | None:
+    """Why a restart of its connector fails `command` (`CommandLedger.recover`), or None."""
+    if command.status is CommandStatus.approved:
+        return "not sent: the connector stopped before sending; propose it again"
+    if command.status is CommandStatus.sending:
+        return "outcome unknown: the connector stopped while sending; not re-sent"
+    if command.status is CommandStatus.sent and (command.history[-1].detail or "").startswith("unconfirmed"):
+        return "outcome unknown: the connector stopped before the broker confirmed the command; not re-sent"
+    return None
+
+
+ANSWER_OF_THE_SEND = {"status": "ok", "detail": "the source accepted the command (it is recorded sent only once it "
+                      "had), and the connector stopped before it recorded the answer, whose detail is lost"}
+"""The answer a restarted connector records on a command it finds sent, of a kind answered by the send itself
+(`CommandLedger.recover`)."""
+
+
 class CommandLedger:
     """The command records of a state store (`{store}/connectors/commands/tenant=T/<id>.json`), and their index.
 
@@ -364,23 +381,29 @@ class CommandLedger:
         status = CommandStatus.acknowledged if ok else CommandStatus.failed
         return self._save(command.moved(status, f"asset:{command.asset_id}", None if ok else answer, ack=ack))
 
-    def recover(self, tenant: str, connector: str, answers_kept: timedelta | None = None) -> list[Command]:
+    def recover(self, tenant: str, connector: str, answers_kept: timedelta | None = None,
+                answered_by_send: bool = False) -> list[Command]:
         """After a connector (re)starts: its commands left in *sending*, or *sent* unconfirmed (the client that
         kept them is gone), are failed as "outcome unknown" (they may or may not have reached the asset, and are
         never re-sent), those left *approved* (it stopped between the approval and the claim) as not sent:
-        nothing is sent before the claim is persisted. The tenant's commands are indexed first (`index`), and the
-        expired ones whose late answer is no longer awaited (expired more than `answers_kept` ago; None: all are)
-        leave the connector's index, so that its starts read what they act on alone."""
+        nothing is sent before the claim is persisted. `answered_by_send` (the connector's kind answers a command
+        with its send's result, `Kind.answered_by_send`: OPC UA's write statuses, a send returning only once the
+        server accepted both writes): a command left *sent* is acknowledged (`ANSWER_OF_THE_SEND`), its answer lost
+        with the process between the send and its record (before, it waited for an answer no source gives again, then
+        expired as unanswered by the asset). The tenant's commands are indexed first (`index`), and the expired ones
+        whose late answer is no longer awaited (expired more than `answers_kept` ago; None: all are) leave the
+        connector's index, so that its starts read what they act on alone."""
         self.index(tenant)
-        reasons = {CommandStatus.sending: "outcome unknown: the connector stopped while sending; not re-sent",
-                   CommandStatus.approved: "not sent: the connector stopped before sending; propose it again",
-                   CommandStatus.sent: "outcome unknown: the connector stopped before the broker confirmed the "
-                                       "command; not re-sent"}
         mine = self.unsettled(tenant, connector)
         if answers_kept is not None:
             given_up = datetime.now(UTC) - answers_kept
             self._unmark(self._index(tenant, f"connector={connector}"), [
                 c.id for c in mine if c.status is CommandStatus.expired and c.history[-1].at <= given_up])
-        return [self.failed(c, reasons[c.status]) for c in mine if (
-            c.status in (CommandStatus.sending, CommandStatus.approved)
-            or (c.status is CommandStatus.sent and (c.history[-1].detail or "").startswith("unconfirmed")))]
+        settled = []
+        for c in mine:
+            if reason := _failed_by_restart(c):
+                settled.append(self.failed(c, reason))
+            elif answered_by_send and c.status is CommandStatus.sent:
+                settled.append(self._save(c.moved(CommandStatus.acknowledged, f"connector:{connector}",
+                                                  ANSWER_OF_THE_SEND["detail"], ack=ANSWER_OF_THE_SEND)))
+        return settled

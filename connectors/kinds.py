@@ -55,6 +55,10 @@ class Adapter(Protocol):
 
 class Kind(Protocol):
     spec_type: type[ConnectorSpec]
+    answered_by_send: bool
+    """Whether a command's answer is its send's own result (OPC UA: the server's statuses for the writes), which no
+    source gives again: a command is recorded sent only once its send returned, accepted, so a restarted connector
+    acknowledges one it finds sent (`CommandLedger.recover`), where it waited for an answer that could not come."""
 
     def problems(self, spec: ConnectorSpec, assets: AssetTypes) -> list[str]:
         """What is wrong with `spec` given the tenant's registered `assets` (empty: fine)."""

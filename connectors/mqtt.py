@@ -762,6 +762,7 @@ def _echoes(spec: MqttSpec) -> list[str]:
 
 class MqttKind:
     spec_type = MqttSpec
+    answered_by_send = False  # the asset answers on `ack_topic`, and the broker keeps an answer until it is recorded
 
     def command_problem(self, spec: MqttSpec, asset_id: str, name: str, value: dict[str, Any]) -> str | None:
         if not any(r.serves(asset_id) for r in spec.routes):  # the body is the device's own JSON: not checked

@@ -162,7 +162,7 @@ class ConnectorRuntime:
             self.spec = files.opened(TenantFiles.named(self.spec))
         self.ledger = CommandLedger(store_url, storage_options)
         self._commands = threading.Lock()  # an ack (receive thread) must not interleave with a send
-        self.ledger.recover(tenant, name, LATE_ACK_KEPT)
+        self.ledger.recover(tenant, name, LATE_ACK_KEPT, answered_by_send=kind_of(self.spec.kind).answered_by_send)
         mine = self.ledger.unsettled(tenant, name)
         now = datetime.now(UTC)
         self._deadlines = {c.correlation_id: self._deadline(c) for c in mine if c.status is CommandStatus.sent}

@@ -1439,8 +1439,11 @@ def test_a_restarted_connector_settles_commands_it_left_approved_or_sending(tmp_
                        sending.id: "outcome unknown: the connector stopped while sending; not re-sent",
                        unconfirmed.id: "outcome unknown: the connector stopped before the broker confirmed the "
                                        "command; not re-sent"}  # the client that kept it died with the process
-    assert ledger.get("acme", confirmed.id).status is CommandStatus.sent
+    assert ledger.get("acme", confirmed.id).status is CommandStatus.sent  # its asset's answer may still come
     assert ledger.get("acme", other.id).status is CommandStatus.proposed
+    # a kind whose send is the answer (OPC UA): recorded sent once accepted, its answer lost with the process
+    assert [(c.id, c.status) for c in ledger.recover("acme", "c", answered_by_send=True)] == [
+        (confirmed.id, CommandStatus.acknowledged)]
 
 
 def test_a_command_no_asset_acknowledges_expires_and_a_late_answer_does_not_revive_it(twins, connectors, broker):

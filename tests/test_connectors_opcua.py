@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from connectors.cli import connectors_app
-from connectors.commands import CommandError, CommandStatus, UnknownCommand
+from connectors.commands import ANSWER_OF_THE_SEND, CommandError, CommandStatus, UnknownCommand
 from connectors.kinds import parse_spec
 from connectors.manager import Connectors, InvalidConnector
 from connectors.mapping import DeadLetter
@@ -316,6 +316,22 @@ def test_commands_are_written_with_correlation_id_once_and_acknowledged(connecto
     assert device.read("tank-1.locked.id") is None  # no new command id announced beside an unchanged set point
     with pytest.raises(UnknownCommand):
         connectors.approve("globex", command.id, by="bob")
+
+
+def test_a_restarted_connector_records_the_answer_of_a_command_it_sent(twins, connectors, plc):
+    """A command's answer is the server's statuses for its writes, recorded after the send returned (accepted): a
+    process that stopped between the two left the command sent, and its restart awaited an answer no server gives
+    again, then expired it as unanswered by the asset. It was recorded sent only once the server accepted both writes,
+    so the restart acknowledges it. (The crash is the ledger's state it leaves: sent, no answer.)"""
+    command = connectors.propose("acme", "plc", "tank-1", "inflow", {"value": 1.5, "unit": "L/s"}, by="alice")
+    connectors.ledger.approve("acme", command.id, by="bob")
+    connectors.ledger.sent(connectors.ledger.claim("acme", command.id, "plc"), ack_timeout_s=300.0)
+    ray.kill(ray.get_actor(actor_name("acme", "plc"), namespace=twins.router.namespace), no_restart=False)
+    done = wait_for(lambda: (c := connectors.command("acme", command.id)).status is not CommandStatus.sent and c,
+                    "the restarted connector settles the command")
+    assert (done.status, done.ack, done.history[-1].by) == (CommandStatus.acknowledged, ANSWER_OF_THE_SEND,
+                                                            "connector:plc")
+    wait_for(lambda: (s := connectors.status("acme", "plc")).connected and s.pending == 0, "the connector is back")
 
 
 def approved(connectors, name: str, value: dict):

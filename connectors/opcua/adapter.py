@@ -108,6 +108,7 @@ class OpcUaAdapter:
 
 class OpcUaKind:
     spec_type = OpcUaSpec
+    answered_by_send = True  # the server's statuses for the writes, recorded after `send` returns (`OpcUaAdapter.send`)
 
     def problems(self, spec: OpcUaSpec, assets: AssetTypes) -> list[str]:  # type: ignore[override]
         used = sorted({n.asset_id for n in spec.nodes} | {c.asset_id for c in spec.commands})
