@@ -161,7 +161,8 @@ class ConnectorRuntime:
         if files is not None:  # (ValueError: names that are no longer its tenant's files; it does not start)
             self.spec = files.opened(TenantFiles.named(self.spec))
         self.ledger = CommandLedger(store_url, storage_options)
-        self._commands = threading.Lock()  # an ack (receive thread) must not interleave with a send
+        self._commands = threading.Lock()  # answers (receive thread), the tick and approvals' ledger writes take turns
+        self._sending: set[str] = set()  # correlation ids claimed and being sent: their answers wait (`approve`)
         self.ledger.recover(tenant, name, LATE_ACK_KEPT, answered_by_send=kind_of(self.spec.kind).answered_by_send)
         mine = self.ledger.unsettled(tenant, name)
         now = datetime.now(UTC)
@@ -314,28 +315,49 @@ class ConnectorRuntime:
 
     @ray.method(max_task_retries=0)  # a retry on a restarted actor would find the command no longer proposed
     def approve(self, tenant: str, command_id: str, by: str) -> Command:
-        """Approve a proposed command of this connector's tenant and send it: the approval and the claim
-        are persisted before anything is sent, and a claimed command is never sent again. One the source
+        """Approve a proposed command of this connector's tenant and send it: the approval (the one decision) and the
+        claim are persisted before anything is sent, and a claimed command is never sent again. One the source
         did not confirm in time (`Unconfirmed`) is recorded as sent, with the reason: it may still arrive, and
-        the asset's answer is recorded when it does."""
+        the asset's answer is recorded when it does. The send (MQTT: up to `PUBLISH_TIMEOUT_S` for the broker's
+        confirmation) runs outside the command lock: held, it stopped the client's network thread at the first answer
+        to arrive meanwhile (`_on_ack`), which then could not read the very confirmation awaited. Such an answer is
+        kept and recorded once the send's outcome is (`_sent`)."""
         if tenant != self.tenant:
             raise PermissionError(f"connector {self.name!r} serves tenant {self.tenant!r}, not {tenant!r}")
         with self._commands:
             self.ledger.approve(tenant, command_id, by)
             command = self.ledger.claim(tenant, command_id, self.name)
-            detail = None
-            try:
-                self.adapter.send(command)
-            except Unconfirmed as exc:
-                detail = f"unconfirmed: {str(exc)[:300]}"
-            except Refused as exc:  # it reached the source, whose answer is final
-                return self.ledger.failed(command, f"sent and refused: {str(exc)[:300]}")
-            except Exception as exc:  # noqa: BLE001 - recorded on the command, which is then final
-                return self.ledger.failed(command, f"not sent: {type(exc).__name__}: {str(exc)[:300]}")
             self._awaiting[command.correlation_id] = (command.id, command.asset_id)
-            sent = self.ledger.sent(command, self.spec.ack_timeout_s, detail)
-            self._deadlines[command.correlation_id] = sent.ack_deadline
-            return sent
+            self._sending.add(command.correlation_id)
+        detail = failure = None
+        try:
+            self.adapter.send(command)
+        except Unconfirmed as exc:
+            detail = f"unconfirmed: {str(exc)[:300]}"
+        except Refused as exc:  # it reached the source, whose answer is final
+            failure = f"sent and refused: {str(exc)[:300]}"
+        except Exception as exc:  # noqa: BLE001 - recorded on the command, which is then final
+            failure = f"not sent: {type(exc).__name__}: {str(exc)[:300]}"
+        with self._commands:
+            self._sending.discard(command.correlation_id)
+            return self._sent(command, detail, failure)
+
+    def _sent(self, command: Command, detail: str | None, failure: str | None) -> Command:
+        """Record a send's outcome (under `_commands`): failed (`failure`), or sent, awaiting its answer until its
+        deadline; then an answer that arrived during the send (recorded on a failed command, it changes nothing)."""
+        correlation_id = command.correlation_id
+        if failure is None:
+            recorded = self.ledger.sent(command, self.spec.ack_timeout_s, detail)
+        else:
+            recorded = self.ledger.failed(command, failure)
+        if (answer := self._answers.get(correlation_id)) is not None:
+            answer.deadline = recorded.ack_deadline
+            self._record(correlation_id)
+        elif failure is None:
+            self._deadlines[correlation_id] = recorded.ack_deadline
+        else:
+            del self._awaiting[correlation_id]
+        return recorded
 
     def _on_ack(self, correlation_id: str, ack: dict[str, Any], from_asset: str | None,
                 done: Callable[[], None]) -> None:
@@ -358,12 +380,13 @@ class ConnectorRuntime:
             self._late.pop(correlation_id, None)
             ok = str(ack.get("status", "ok")).lower() in ("ok", "done", "accepted", "success")
             self._answers[correlation_id] = _Answer(command_id, asset_id, ack, ok, [done], deadline)
-            self._record(correlation_id)
+            if correlation_id not in self._sending:  # else recorded once the send's outcome is (`_sent`)
+                self._record(correlation_id)
 
     def _record_answers(self) -> None:
-        """Write again the answers whose ledger write failed (`_on_ack`)."""
+        """Write again the answers whose ledger write failed (`_on_ack`); not those of commands being sent (`_sent`)."""
         with self._commands:
-            for correlation_id in list(self._answers):
+            for correlation_id in [c for c in self._answers if c not in self._sending]:
                 self._record(correlation_id)
 
     def _record(self, correlation_id: str) -> None:

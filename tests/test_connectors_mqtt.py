@@ -1249,10 +1249,10 @@ def test_junk_on_the_ack_topic_is_dead_lettered_and_the_connector_goes_on(twins,
     assert all(r.endswith(fix) for r, _ in letters)
 
 
-def _answered_runtime(tmp_path, monkeypatch, ack_timeout_s: float) -> tuple:
-    """A command sent by a connector runtime, whose answers arrive through a real MQTT adapter's receive path (no
-    broker, no Ray): (the ledger, the sent command, the runtime, its adapter, what they put in the pump, the PUBACKs
-    sent, `deliver(mid)`: an answer to the command as the broker's message `mid`)."""
+def _command_runtime(tmp_path, monkeypatch) -> tuple:
+    """Connector `plant`'s runtime, with what its __init__ sets for commands, and a real MQTT adapter whose receive
+    path its answers take (no broker, no Ray): (its ledger, the runtime, the adapter, what they put in the pump, the
+    PUBACKs sent)."""
     from types import SimpleNamespace
 
     from connectors.commands import CommandLedger
@@ -1261,13 +1261,9 @@ def _answered_runtime(tmp_path, monkeypatch, ack_timeout_s: float) -> tuple:
     from connectors.runtime import ConnectorRuntime
 
     ledger = CommandLedger(str(tmp_path / "store"))
-    proposed = ledger.propose("acme", "plant", "pump-1", "setpoint", {"q_in": 0.2}, by="key-alice")
-    ledger.approve("acme", proposed.id, "key-bob")
-    sent = ledger.sent(ledger.claim("acme", proposed.id, "plant"), ack_timeout_s=ack_timeout_s)
-    runtime = object.__new__(ConnectorRuntime)  # what __init__ sets for a command it sent
+    runtime = object.__new__(ConnectorRuntime)
     runtime.ledger, runtime.tenant, runtime.name, runtime._commands = ledger, "acme", "plant", threading.Lock()
-    runtime._awaiting, runtime._late, runtime._answers = {sent.correlation_id: (sent.id, "pump-1")}, {}, {}
-    runtime._deadlines = {sent.correlation_id: sent.ack_deadline}
+    runtime._awaiting, runtime._late, runtime._answers, runtime._deadlines, runtime._sending = {}, {}, {}, {}, set()
     runtime._answer_error, runtime._answer_errors = None, 0
     runtime.spec = MqttSpec.model_validate(plant_spec(1))
     put: list = []
@@ -1275,12 +1271,72 @@ def _answered_runtime(tmp_path, monkeypatch, ack_timeout_s: float) -> tuple:
     runtime.adapter = adapter = MQTT.adapter(runtime.spec, Credentials(), put.append, runtime._on_ack)
     pubacks: list[int] = []
     monkeypatch.setattr(adapter.client, "ack", lambda mid, qos: pubacks.append(mid))
-    answer = json.dumps({"correlation_id": sent.correlation_id, "status": "ok"}).encode()
+    return ledger, runtime, adapter, put, pubacks
 
-    def deliver(mid: int) -> None:
-        adapter._on_message(adapter.client, None, SimpleNamespace(mid=mid, qos=1, retain=False,
-                                                                  topic="plant/pump-1/ack", payload=answer))
+
+def _answer_message(adapter, mid: int, correlation_id: str) -> None:
+    """Hand `adapter` pump-1's ok to `correlation_id` as the broker's message `mid` (the client's network thread)."""
+    from types import SimpleNamespace
+
+    answer = json.dumps({"correlation_id": correlation_id, "status": "ok"}).encode()
+    adapter._on_message(adapter.client, None, SimpleNamespace(mid=mid, qos=1, retain=False, topic="plant/pump-1/ack",
+                                                              payload=answer))
+
+
+def _proposed(ledger):
+    return ledger.propose("acme", "plant", "pump-1", "setpoint", {"q_in": 0.2}, by="key-alice")
+
+
+def _answered_runtime(tmp_path, monkeypatch, ack_timeout_s: float) -> tuple:
+    """A command `_command_runtime`'s runtime sent: (the ledger, the sent command, the runtime, its adapter, what they
+    put in the pump, the PUBACKs sent, `deliver(mid)`: an answer to the command as the broker's message `mid`)."""
+    from functools import partial
+
+    ledger, runtime, adapter, put, pubacks = _command_runtime(tmp_path, monkeypatch)
+    proposed = _proposed(ledger)
+    ledger.approve("acme", proposed.id, "key-bob")
+    sent = ledger.sent(ledger.claim("acme", proposed.id, "plant"), ack_timeout_s=ack_timeout_s)
+    runtime._awaiting[sent.correlation_id] = (sent.id, "pump-1")
+    runtime._deadlines[sent.correlation_id] = sent.ack_deadline
+    deliver = partial(_answer_message, adapter, correlation_id=sent.correlation_id)
     return ledger, sent, runtime, adapter, put, pubacks, deliver
+
+
+def test_an_answer_arriving_while_the_broker_confirms_a_command_is_read_at_once_and_recorded_after(tmp_path,
+                                                                                                 monkeypatch):
+    """`approve` held the command lock while the broker confirmed the command's PUBLISH (up to 10 s): an answer
+    arriving meanwhile stopped the client's network thread in `_on_ack`, which then could not read the confirmation
+    itself. The send waits outside the lock: the answer is read at once, kept, and recorded (its message acknowledged)
+    once the command is recorded sent; the decision, claimed before the send, still refuses another decider."""
+    ledger, runtime, adapter, _, pubacks = _command_runtime(tmp_path, monkeypatch)
+    command = _proposed(ledger)
+    during: dict = {}
+
+    class Confirmation:
+        """The PUBLISH's handle: the asset's answer comes in before the broker's PUBACK."""
+
+        mid = 7
+
+        def wait_for_publish(self, timeout_s: float) -> None:
+            network = threading.Thread(target=_answer_message, args=(adapter, 1, command.correlation_id))
+            network.start()
+            network.join(2.0)
+            during["answer handled"] = not network.is_alive()
+            during["status"] = ledger.get("acme", command.id).status
+            with pytest.raises(CommandError, match="is sending: only a proposed command can be refused"):
+                ledger.refuse("acme", command.id, "key-carol", "too late")
+
+        def is_published(self) -> bool:
+            return True
+
+    monkeypatch.setattr(adapter.client, "publish", lambda *args, **kwargs: Confirmation())
+    adapter._set_connected(True)
+    sent = runtime.approve("acme", command.id, "key-bob")
+    assert during == {"answer handled": True, "status": CommandStatus.sending}
+    assert sent.status is CommandStatus.sent and pubacks == [1]
+    done = ledger.get("acme", command.id)
+    assert [s.status for s in done.history] == ["proposed", "approved", "sending", "sent", "acknowledged"]
+    assert (done.ack["correlation_id"], runtime._awaiting, runtime._deadlines) == (command.correlation_id, {}, {})
 
 
 def test_an_answer_the_ledger_failed_to_record_is_kept_unacknowledged_until_it_lands(tmp_path, monkeypatch):

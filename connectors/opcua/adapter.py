@@ -90,7 +90,8 @@ class OpcUaAdapter:
 
     def send(self, command: Command) -> None:
         """Write the command's `value` (in its `unit`, default the node's) and correlation id to the declared
-        nodes; returns once the server accepted both, then records that as the acknowledgement."""
+        nodes; returns once the server accepted both, handing that over as the answer (the runtime records it once
+        the command is recorded sent: `ConnectorRuntime._sent`)."""
         target = self.spec.command(command.asset_id, command.name)
         if problem := target.value_problem(command.value):  # checked at proposal; the declaration may have changed
             raise ValueError(problem)
@@ -100,10 +101,8 @@ class OpcUaAdapter:
             raise ConnectionError(f"connector {self.spec.name!r} is paused; resume it to send commands")
         detail = self._call(self._session.write_command(target, command.correlation_id, value),
                             self.spec.request_timeout_s * 2)
-        # recorded after `send` returns (the runtime holds its command lock until then), off this thread
         answer = {"status": "ok", "detail": detail}  # no acknowledgement back to the server (`ignore`)
-        threading.Thread(target=self.on_ack, args=(command.correlation_id, answer, None, ignore),
-                         name=f"opcua-ack-{command.correlation_id[:8]}", daemon=True).start()
+        self.on_ack(command.correlation_id, answer, None, ignore)
 
 
 class OpcUaKind:
