@@ -374,6 +374,7 @@ class MqttAdapter:
         self._session_expected = resumes_session  # this process or an earlier one connected: the broker keeps a session
         self._ack_lock = threading.Lock()
         self._unacked: set[int] = set()  # packet ids of this connection's messages handed over, not yet acknowledged
+        self._acks_sent = False  # this connection has acknowledged a message: a pause waits for the broker to read it
         self._acked = threading.Condition(self._ack_lock)  # notified as they are
         self._draining = False  # pausing: messages at QoS 1 or 2 are left to the broker, which sends them on resume
         self._barrier: int | None = None  # the mid of a pause's UNSUBSCRIBE, until its UNSUBACK
@@ -416,7 +417,8 @@ class MqttAdapter:
         `PAUSE_DRAIN_S` at most) what was handed over is acknowledged and the broker has read those acknowledgements
         (`BARRIER_FILTER`); what arrives meanwhile is left unacknowledged, for the broker to send again on resume. A
         connection lost meanwhile ends the wait: nothing more goes over it, and the broker sends again what it did not
-        read as acknowledged.
+        read as acknowledged. A connection that acknowledged nothing has nothing to drain: no barrier is sent (a broker
+        gone without the connection known lost, frozen or its host down, held every such pause for `PAUSE_DRAIN_S`).
         Disconnecting at once left the messages in the pump applied and unacknowledged, and the broker, still
         sending, was reset by the closed socket before it read the acknowledgements already sent: it sent all of
         them again on resume, duplicates (2,185 of 5,000 readings streamed with three pauses, MQTT 5; now none)."""
@@ -424,7 +426,8 @@ class MqttAdapter:
         with self._acked:  # under the lock `_acker` decides under: a message is awaited here, or left to the broker
             self._draining = True
             self._acked.wait_for(lambda: not self._unacked, PAUSE_DRAIN_S)
-        if self.client.is_connected():  # (a broker that has not accepted the connection answers nothing)
+            acks_sent = self._acks_sent
+        if acks_sent and self.client.is_connected():  # (a broker that has not accepted it answers nothing)
             self._barrier_passed.clear()
             result, self._barrier = self.client.unsubscribe(self._barrier_filter())
             if result == paho.MQTT_ERR_SUCCESS:
@@ -599,6 +602,7 @@ class MqttAdapter:
         with self._ack_lock:
             self._generation += 1
             self._unacked.clear()
+            self._acks_sent = False
             self._acked.notify_all()
 
     def _acker(self, mid: int, qos: int) -> Callable[[], None] | None:
@@ -619,6 +623,7 @@ class MqttAdapter:
                 if generation == self._generation and mid in self._unacked:
                     self._unacked.discard(mid)
                     self.client.ack(mid, qos)
+                    self._acks_sent = True
                     self._acked.notify_all()
         return ack
 

@@ -825,11 +825,13 @@ def test_a_pause_mid_stream_hands_no_message_over_twice(broker, monkeypatch, pro
 
 
 class HeldBarrier:
-    """An MQTT 3.1.1 broker that accepts every connection and subscription and holds a pausing connector's barrier
-    (its UNSUBSCRIBE, `unsubscribed`) until the test answers it (`answer("unsuback")`) or drops its connection
+    """An MQTT 3.1.1 broker that accepts every connection and subscription, sends a reading (`reads`: QoS 1, on
+    held/held-1/t, no twin's: what a pause must see acknowledged before it disconnects) and holds a pausing connector's
+    barrier (its UNSUBSCRIBE, `unsubscribed`) until the test answers it (`answer("unsuback")`) or drops its connection
     (`answer("drop")`)."""
 
-    def __init__(self):
+    def __init__(self, reads: bool = True):
+        self.reads = reads
         self.server = socket.create_server(("127.0.0.1", 0))
         self.server.settimeout(0.1)
         self.port = self.server.getsockname()[1]
@@ -864,7 +866,9 @@ class HeldBarrier:
                     while at < len(body):
                         at += 3 + struct.unpack(">H", body[at:at + 2])[0]
                         granted += b"\x01"
-                    conn.sendall(bytes([0x90, 2 + len(granted)]) + body[:2] + granted)
+                    conn.sendall(bytes([0x90, 2 + len(granted)]) + body[:2] + granted
+                                 + (_publish_packet("held/held-1/t", json.dumps(reading(0)).encode())
+                                    if self.reads else b""))
                 elif kind == 0xA0:  # UNSUBSCRIBE: the barrier, held
                     self.unsubscribed.set()
                     with self._answered:
@@ -884,6 +888,13 @@ class HeldBarrier:
         for thread in self._threads:
             thread.join(WAIT_S)
         self.server.close()
+
+
+def _publish_packet(topic: str, payload: bytes, mid: int = 1) -> bytes:
+    """An MQTT PUBLISH at QoS 1 (of fewer than 128 bytes after its fixed header)."""
+    rest = struct.pack(">H", len(topic)) + topic.encode() + struct.pack(">H", mid) + payload
+    assert len(rest) < 128
+    return bytes([0x32, len(rest)]) + rest
 
 
 def _mqtt_packet(conn: socket.socket) -> tuple[int, bytes] | None:
@@ -922,7 +933,8 @@ def test_a_pausing_connector_says_it_is_draining_and_its_pause_ends_with_the_bro
     try:
         connectors.create(plant_spec(held.port, "3.1.1", name="held", ack_topic=None, routes=[
             {"topic": "held/+/t", "asset_level": 1, "payload": PAYLOAD}]))
-        wait_for(lambda: connectors.status("acme", "held").connected, "subscribed")
+        wait_for(lambda: (s := connectors.status("acme", "held")).connected and s.acknowledged == 1,
+                 "subscribed, and the broker's reading acknowledged")
         pausing = threading.Thread(target=lambda: paused.append(connectors.pause("acme", "held")))
         pausing.start()
         assert held.unsubscribed.wait(WAIT_S)
@@ -945,16 +957,42 @@ def test_a_connection_lost_while_a_pause_waits_for_its_barrier_ends_the_wait(mon
     monkeypatch.setattr(mqtt, "PAUSE_DRAIN_S", WAIT_S)  # (the deadline: the test's own wait)
     held = HeldBarrier()
     spec = MqttSpec.model_validate(plant_spec(held.port, "3.1.1", name="lost", ack_topic=None))
+    received: list = []
+    adapter = mqtt.MQTT.adapter(spec, Credentials(), lambda m: (received.append(m), m.ack()), lambda *ack: None)
+    pausing = threading.Thread(target=adapter.pause)
+    try:
+        adapter.start()
+        wait_for(lambda: adapter.connected() and received, "subscribed, and the broker's reading acknowledged")
+        pausing.start()
+        assert held.unsubscribed.wait(WAIT_S)
+        held.answer("drop")
+        pausing.join(WAIT_S / 4)
+        assert not pausing.is_alive() and not adapter.connected()
+    finally:
+        held.close()
+        pausing.join(WAIT_S)
+        adapter.stop()
+
+
+def test_a_pause_with_nothing_to_drain_does_not_wait_for_a_broker_that_no_longer_answers(monkeypatch,
+                                                                                          no_connected_gauge):
+    """A pause waited for the broker's answer to its barrier (up to PAUSE_DRAIN_S, 10 s) whatever the connection had
+    carried: a broker gone without the connection known lost (frozen, its host down) held every pause that long,
+    though a connection that acknowledged nothing has no acknowledgement for the broker to read. Such a pause sends
+    no barrier and disconnects at once."""
+    from connectors import mqtt
+
+    monkeypatch.setattr(mqtt, "PAUSE_DRAIN_S", WAIT_S)  # (the deadline: the test's own wait)
+    held = HeldBarrier(reads=False)  # it answers no barrier until it is closed
+    spec = MqttSpec.model_validate(plant_spec(held.port, "3.1.1", name="idle", ack_topic=None))
     adapter = mqtt.MQTT.adapter(spec, Credentials(), lambda m: m.ack(), lambda *ack: None)
     pausing = threading.Thread(target=adapter.pause)
     try:
         adapter.start()
         wait_for(adapter.connected, "subscribed")
         pausing.start()
-        assert held.unsubscribed.wait(WAIT_S)
-        held.answer("drop")
         pausing.join(WAIT_S / 4)
-        assert not pausing.is_alive() and not adapter.connected()
+        assert not pausing.is_alive() and not held.unsubscribed.is_set() and not adapter.connected()
     finally:
         held.close()
         pausing.join(WAIT_S)
