@@ -10,10 +10,10 @@
   retained copy of the payload this process delivered last on its topic is acknowledged unread (`connectors.retained`).
 - **Acknowledged after durable.** With paho's manual acks a PUBACK is sent only once the message's
   events are in the twins' logs (or its dead letters are written; an asset's answer once its command's record
-  has it: `ConnectorRuntime._on_ack`). A message delivered on an earlier connection is never
-  acknowledged on a later one: the broker re-sends it there under the same packet id and may reuse
-  that id afterwards, so acking the stale copy could acknowledge a newer, not yet durable message.
-  The re-sent copy is acknowledged instead (a duplicate for the twins).
+  has it, `ConnectorRuntime._on_ack`, or once it is dead-lettered, given up after `ANSWER_WRITE_TRIES`). A message
+  delivered on an earlier connection is never acknowledged on a later one: the broker re-sends it there under the
+  same packet id and may reuse that id afterwards, so acking the stale copy could acknowledge a newer, not yet
+  durable message. The re-sent copy is acknowledged instead (a duplicate for the twins).
 - **Connected means subscribed.** `connected()` turns true when the broker has acknowledged every
   subscription (SUBACK), not at CONNACK: on a first connection a message published before the
   SUBSCRIBE arrives reaches no session, so "connected" must not be reported before then. A
