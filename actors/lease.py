@@ -22,6 +22,7 @@ import time
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 
 import ray
 
@@ -67,19 +68,23 @@ def stop_actors(names: list[str], namespace: str, wait_s: float = STOP_WAIT_S) -
     `wait_s`: `ActorsNotStopped` past it, and nothing starts in their place. Why the process, not the name: `ray.kill`
     frees the name as GCS marks the actor dead, before its process exits (a chaos trial: still running in 7 of 8
     tries, writing for 4-10 ms more), and a successor shard shares the lease's epoch, so a write of the old one in
-    flight (an S3 PUT) could land after the successor recovered."""
-    killed: dict[str, tuple[bytes, int] | None] = {}
+    flight (an S3 PUT) could land after the successor recovered. The processes waited for are the one read before the
+    kill and the one GCS names once the actor is dead (`_still_running`): an actor that restarted between that read
+    and the kill runs in another."""
+    killed: dict[str, tuple[Any, set[tuple[bytes, int]]]] = {}
     for name in names:
         try:
             handle = ray.get_actor(name, namespace=namespace)
         except ValueError:  # not running here
             continue
-        killed[name] = actor_worker(handle)
+        worker = actor_worker(handle)
+        killed[name] = handle, set() if worker is None else {worker}
         ray.kill(handle, no_restart=True)
     deadline = time.monotonic() + wait_s
-    while killed := {name: worker for name, worker in killed.items() if _still_running(name, namespace, worker)}:
+    while killed := {name: stop for name, stop in killed.items() if _still_running(name, namespace, *stop)}:
         if time.monotonic() >= deadline:
-            running = ", ".join(f"{name} (pid {worker[1] if worker else '?'})" for name, worker in killed.items())
+            running = ", ".join(f"{name} (pid {', '.join(str(w[1]) for w in sorted(workers)) or '?'})"
+                                for name, (_, workers) in killed.items())
             log.error("event=actor_stop_timeout namespace=%s actors=%s wait_s=%g", namespace, running, wait_s)
             raise ActorsNotStopped(
                 f"actors {running} of namespace {namespace} still run {wait_s:g} s after being killed: their writes "
@@ -88,13 +93,19 @@ def stop_actors(names: list[str], namespace: str, wait_s: float = STOP_WAIT_S) -
         time.sleep(0.01)
 
 
-def _still_running(name: str, namespace: str, worker: tuple[bytes, int] | None) -> bool:
-    """Whether a killed actor's name is still taken or its process (`worker`: ID and PID) still runs."""
+def _still_running(name: str, namespace: str, handle: Any, workers: set[tuple[bytes, int]]) -> bool:
+    """Whether a killed actor's name is still taken or a process of it still runs: of `workers` (ID and PID), which
+    this adds the worker GCS names once the name is free (a dead actor keeps its last worker's address there), and
+    drops those that exited."""
     try:
         ray.get_actor(name, namespace=namespace)
         return True
     except ValueError:
-        return worker is not None and worker_alive(worker[0])
+        pass
+    if (last := actor_worker(handle)) is not None:
+        workers.add(last)
+    workers -= {w for w in workers if not worker_alive(w[0])}
+    return bool(workers)
 
 
 SERVED_ELSEWHERE = ("that is another Ray cluster than this one: stop that service first, or serve from its cluster "

@@ -352,6 +352,18 @@ def test_stopped_actors_are_waited_for_until_their_processes_exit_not_only_their
     assert killed.events == ["killed", "exited"]
 
 
+def test_an_actor_restarted_between_its_worker_read_and_its_kill_is_waited_for_in_its_new_process(monkeypatch):
+    """A shard that crashed and restarted between `stop_actors`' read of its worker and the kill runs in a new
+    process, which the kill ends: waiting only for the old (already dead) one returned while the new one ran on,
+    beside the successor shard. GCS names the new process once the actor is dead; it is waited for."""
+    killed = _KilledActor(monkeypatch, polls=3)
+    monkeypatch.setattr(lease, "actor_worker", lambda handle: (b"w2", 4343) if "killed" in killed.events
+                        else (b"w1", 4242))
+    monkeypatch.setattr(lease, "worker_alive", lambda worker_id: worker_id == b"w2" and killed.alive(worker_id))
+    lease.stop_actors(["shard-0"], "ns")
+    assert killed.events == ["killed", "exited"]
+
+
 def test_actors_that_outlive_the_stop_wait_fail_the_stop_naming_them(monkeypatch, caplog):
     """Past its bound, `stop_actors` no longer returns as if they had stopped: no successor starts beside them."""
     _KilledActor(monkeypatch, polls=None)
