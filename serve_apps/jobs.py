@@ -11,7 +11,11 @@ a job that was queued or running when the backend restarted is marked failed, no
 change is recorded by the backend's catch-up, `serve_apps.backend.Backend._catch_up_jobs`). Every job that ends,
 cancelled while queued too, is told to `on_finish` (the backend records its change). Once another service took the
 store over (`JobQueue.fence`), the queue saves no job's end and starts no queued job: that service's start failed them
-in their records, and its catch-up records their change.
+in their records, and its catch-up records their change. A job's end is claimed once, by an exclusive create of
+``end.json`` (the ended record) before ``job.json`` is replaced (`JobQueue._save`), and a reader takes that claim over
+``job.json`` (`read_records`): of two services ending one job (a takeover between a fenced one's lease read and its
+write) the first ends it and the other's end is refused, and no later write of a running or queued record (a fenced
+service starting a job) shows a job running again after it ended.
 
 Retention (`ServeConfig.job_retention_s`, 30 days by default): a pass every `RETENTION_PASS_S` (`JobQueue.expire`)
 removes up to `RETENTION_BATCH` jobs that finished longer ago than that, oldest first, from the store (the job's
@@ -49,8 +53,8 @@ from pydantic import ConfigDict, Field
 
 from raytwin import metrics
 from raytwin.contracts import StartedFrom
-from raytwin.statestore import FenceCheck, fenced
-from raytwin.storage import filesystem, replace_file
+from raytwin.statestore import FenceCheck, StoreFenced, fenced
+from raytwin.storage import filesystem, replace_file, write_once
 from raytwin.store_failures import store_io
 from serve_apps.bulk import BulkWork
 from serve_apps.config import ServeConfig
@@ -81,6 +85,8 @@ RETENTION_BACKLOG_S = 1.0
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JOB_STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+END_FILE = "end.json"
+"""A job's ended record beside its ``job.json``, created once (`JobQueue._save`): the claim of its end."""
 
 
 class _JobFields(StartedFrom):
@@ -206,12 +212,15 @@ class JobRecord(_JobFields):
 
 def read_records(fs: AbstractFileSystem, root: str) -> Iterator[JobRecord]:
     """Every job record stored under `root` (a store's ``jobs`` folder: ``{tenant}/{job_id}/job.json``), in no
-    order: what a restarted backend recovers, and what `raytwin jobs list` lists."""
+    order: what a restarted backend recovers, and what `raytwin jobs list` lists. A job's claimed end (`END_FILE`) is
+    its record where there is one: ``job.json`` may say running after it (a fenced service's start landed late)."""
     with store_io("read"):  # (a generator: its body, not its call, reads)
         if not fs.exists(root):
             return
+        ended = {path.rsplit("/", 1)[0] for path in fs.glob(f"{root}/*/*/{END_FILE}")}
         for path in fs.glob(f"{root}/*/*/job.json"):
-            yield JobRecord.model_validate_json(fs.cat_file(path))
+            folder = path.rsplit("/", 1)[0]
+            yield JobRecord.model_validate_json(fs.cat_file(f"{folder}/{END_FILE}" if folder in ended else path))
 
 
 Work = PreparedScenario | SweepSpec | FmuSweepSpec | BulkWork
@@ -246,12 +255,15 @@ class JobQueue:
         self._publish()
 
     def _recover(self) -> None:
+        """Fail the jobs left queued or running; one whose end another service claimed meanwhile (a fenced one, in the
+        takeover window) ended as that claim says."""
         for job in read_records(self.fs, self.root):
             if job.state in ("queued", "running"):
                 job = job.model_copy(update={"state": "failed", "finished": datetime.now(UTC),
                                              "error": "the job service restarted before this job finished; resubmit"})
                 self._link_run(job)
-                self._save(job)
+                if not self._save(job):
+                    job = JobRecord.model_validate_json(self.fs.cat_file(f"{self._dir(job)}/{END_FILE}"))
             self._add(job)
 
     def _add(self, job: JobRecord) -> None:
@@ -346,8 +358,17 @@ class JobQueue:
         except Exception:  # the job's own outcome must still be recorded
             log.exception("event=job_run_unknown job_id=%s run_id=%s", job.job_id, job.planned_run_id)
 
-    def _save(self, job: JobRecord) -> None:
-        replace_file(self.fs, f"{self._dir(job)}/job.json", job.model_dump_json(indent=2).encode())
+    def _save(self, job: JobRecord) -> bool:
+        """Write the job's record; an ended one claims the job's end first (`END_FILE`, an exclusive create): False,
+        and nothing written, where another end holds it (another service's, which ended the job first)."""
+        data = job.model_dump_json(indent=2).encode()
+        if job.state in FINISHED:
+            try:
+                write_once(self.fs, f"{self._dir(job)}/{END_FILE}", data)
+            except FileExistsError:
+                return False
+        replace_file(self.fs, f"{self._dir(job)}/job.json", data)
+        return True
 
     def submit(self, tenant: str, key_id: str, asset_id: str, model_ref: str, content_hash: str, work: Work,
                start_time: datetime | None = None, start: StartedFrom = StartedFrom()) -> Job:
@@ -454,11 +475,9 @@ class JobQueue:
         self._moved(job, "running")
         self.running -= 1
         self.running_by[job.tenant] -= 1
-        if self._fenced(now=True):
+        if self._fenced(now=True) or not self._save(job):
             log.warning("event=job_record_held job_id=%s state=%s: this service no longer holds its store; the "
                         "record there is its successor's", job.job_id, job.state)
-        else:
-            self._save(job)
         self._publish()
         log.info("event=job_%s job_id=%s compute_s=%s error=%s result_url=%s", job.state, job.job_id, job.compute_s,
                  job.error, job.result_url)
@@ -494,7 +513,9 @@ class JobQueue:
             job.state, job.finished = "cancelled", datetime.now(UTC)
             self._moved(job, "queued")
             job.error = f"cancelled by key {key_id} while queued: it never ran, so it has no run record"
-            self._save(job)
+            if not self._save(job):
+                raise StoreFenced(f"job {job_id} was ended by the service that took the store over: this service "
+                                  "cancels none of its jobs; send the request to that service")
             self._publish()
             self._notify(job)
             return self.status(job)

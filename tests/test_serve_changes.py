@@ -1767,11 +1767,11 @@ def test_a_job_that_ends_within_a_second_of_a_takeover_saves_no_record_over_its_
 
 def test_a_job_end_written_in_the_takeover_window_replaces_no_change_of_the_successor(tmp_path):
     """A job's end reads the lease afresh and then writes: a takeover between the two (the process paused, the store
-    slow) lets the fenced backend write once. The worst case, pinned: its record lands over the one in which the
-    successor's start failed the job (the job's real end, on its record only), but its change took the number the
-    successor's log had given the job's `job.failed` and replaced that segment, so the successor's change was lost.
-    Segments are created exclusively now: the fenced backend's change is refused, the successor's stays."""
-    from serve_apps.jobs import JobRecord
+    slow) lets the fenced backend write once. The worst case, pinned: its record landed over the one in which the
+    successor's start failed the job (the store said succeeded, the successor failed), and its change took the number
+    the successor's log had given the job's `job.failed` and replaced that segment. Both are claimed exclusively now:
+    the job's end (`end.json`) and the segment; the fenced backend's are refused, the successor's stay."""
+    from serve_apps.jobs import JobRecord, read_records
     from tests.test_serve_jobs import HeldJobs, _submit
 
     async def scenario() -> None:
@@ -1784,12 +1784,38 @@ def test_a_job_end_written_in_the_takeover_window_replaces_no_change_of_the_succ
         successor._catch_up_jobs("acme")  # change 2: its job.failed
         await held.finish(running)  # in the window: the fenced backend finds its store held, and writes
         record = JobRecord.model_validate_json((tmp_path / "jobs" / "acme" / running / "job.json").read_text())
-        assert (record.state, successor.jobs.jobs[running].state) == ("succeeded", "failed")  # the one write
+        stored = {job.job_id: job.state for job in read_records(successor.jobs.fs, successor.jobs.root)}
+        assert (record.state, stored[running], successor.jobs.jobs[running].state) == ("failed",) * 3
         stored = successor.changes.store.read("acme", 0, 100)
         assert [(c.seq, c.kind, c.data["job_id"], c.generation) for c in stored] == [
             (1, "job.succeeded", first, fenced.changes.generation),
             (2, "job.failed", running, successor.changes.generation)]
         assert fenced.changes.unwritten() == 1  # kept, refused: the successor's log numbers changes now
+
+    asyncio.run(scenario())
+
+
+def test_a_job_started_in_the_takeover_window_is_not_shown_running_again_after_the_successor_ended_it(tmp_path):
+    """A queued job starts on the fenced backend's cached lease verdict (up to a second old), so a job that ends in
+    the takeover window starts the next one, whose `running` record replaced the one in which the successor's start
+    failed it: `raytwin jobs list` showed it running again, and a restarted successor failed it a second time. The
+    ended record claimed by the successor (`end.json`) is what every reader takes."""
+    from serve_apps.jobs import read_records
+    from tests.test_serve_jobs import HeldJobs, _submit
+
+    async def scenario() -> None:
+        fenced = _job_backend(tmp_path, slots=1)
+        held = HeldJobs(fenced.jobs)
+        running, queued = (_submit(fenced.jobs, "acme") for _ in range(2))
+        fenced._lease_reads = lambda timeout_s: fenced.twins.lease  # every read of the lease made before the takeover
+        successor = _job_backend(tmp_path)  # takes the store over; its start fails both
+        failed = {j: successor.jobs.jobs[j].model_dump() for j in (running, queued)}
+        await held.finish(running)  # in the window: its end is refused, and `queued` starts, its record written
+        assert fenced.jobs.jobs[queued].state == "running"
+        assert {job.job_id: job.state for job in read_records(successor.jobs.fs, successor.jobs.root)} == {
+            running: "failed", queued: "failed"}
+        restarted = _job_backend(tmp_path, lease=successor.twins.lease)  # the successor's backend, restarted
+        assert {j: restarted.jobs.jobs[j].model_dump() for j in (running, queued)} == failed  # not failed again
 
     asyncio.run(scenario())
 
