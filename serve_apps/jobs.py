@@ -475,13 +475,15 @@ class JobQueue:
         self._moved(job, "running")
         self.running -= 1
         self.running_by[job.tenant] -= 1
-        if self._fenced(now=True) or not self._save(job):
+        saved = not self._fenced(now=True) and self._save(job)
+        if not saved:  # nor is its change recorded: it would describe an end the job's record does not have
             log.warning("event=job_record_held job_id=%s state=%s: this service no longer holds its store; the "
                         "record there is its successor's", job.job_id, job.state)
         self._publish()
         log.info("event=job_%s job_id=%s compute_s=%s error=%s result_url=%s", job.state, job.job_id, job.compute_s,
                  job.error, job.result_url)
-        self._notify(job)
+        if saved:
+            self._notify(job)
         self._start_next()
 
     def _notify(self, job: JobRecord) -> None:

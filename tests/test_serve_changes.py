@@ -1688,11 +1688,14 @@ def test_a_fenced_backend_writes_nothing_to_the_change_log_and_its_successor_rec
         await held.finish(ended)  # its change refused, its record not saved
         successor = _job_backend(tmp_path, slots=1, lease=taken)  # the successor's backend starts: fails `running`
         await held.finish(running)
+        assert fenced.changes.unwritten() == 0  # its jobs' ends held: their changes are not recorded either
         applied = []
         with pytest.raises(StoreFenced, match="took the store over"):
             fenced.changes.write("acme", lambda seq: applied.append(seq) or drafts(1))
+        with pytest.raises(StoreFenced, match="took the store over"):
+            fenced.changes.record("acme", drafts(1))  # a twin's change (its batch applied before the fence): kept
         fenced._flush_changes()  # the store watch's pass: refused, quietly
-        assert applied == [] and fenced.changes.unwritten() == 2
+        assert applied == [] and fenced.changes.unwritten() == 1
         assert fenced.changes.recorded("globex") == {}  # a tenant with no log yet: no first checkpoint written either
         assert not (tmp_path / "changes" / "globex").exists()
         assert _job_changes(successor) == [("job.succeeded", recorded)]
@@ -1770,7 +1773,7 @@ def test_a_job_end_written_in_the_takeover_window_replaces_no_change_of_the_succ
     slow) lets the fenced backend write once. The worst case, pinned: its record landed over the one in which the
     successor's start failed the job (the store said succeeded, the successor failed), and its change took the number
     the successor's log had given the job's `job.failed` and replaced that segment. Both are claimed exclusively now:
-    the job's end (`end.json`) and the segment; the fenced backend's are refused, the successor's stay."""
+    the job's end (`end.json`) and the segment; the fenced backend's end is refused, and with it its change."""
     from serve_apps.jobs import JobRecord, read_records
     from tests.test_serve_jobs import HeldJobs, _submit
 
@@ -1790,7 +1793,7 @@ def test_a_job_end_written_in_the_takeover_window_replaces_no_change_of_the_succ
         assert [(c.seq, c.kind, c.data["job_id"], c.generation) for c in stored] == [
             (1, "job.succeeded", first, fenced.changes.generation),
             (2, "job.failed", running, successor.changes.generation)]
-        assert fenced.changes.unwritten() == 1  # kept, refused: the successor's log numbers changes now
+        assert fenced.changes.unwritten() == 0  # its end refused, its change is not recorded either
 
     asyncio.run(scenario())
 
