@@ -42,7 +42,8 @@ nothing there (`ChangeLog.fence`, the backend's `check_writable`, a verdict read
 which would take a number the successor's log gives too, and no checkpoint, which would replace the successor's (a
 checkpoint reads the lease afresh, so a backend closed within that second writes none either). A takeover between
 that read and the write (serve_apps/README.md, "After a takeover") lets one write through: a segment is then refused
-where the successor's log wrote its name (`ChangeStore.write`), never replaced. What
+where the successor's log wrote its name (`ChangeStore.write`), never replaced, and one that landed first under the
+name the successor's log gives next has the successor's changes numbered after it (`ChangeLog._renumber_locked`). What
 it could not write is the successor's to record: its catch-up finds the jobs from their records (its start failed
 those queued or running here, whose end this queue no longer saves: `serve_apps.jobs.JobQueue.fence`), and the twins
 from their states (the fenced service's twin writes are refused by its shards).
@@ -386,15 +387,38 @@ class ChangeLog:
                 kept.append(new)
         self._check_fence()
         recorded = self._recorded_locked(tenant)  # after keeping `drafts`: loading it reads the log's tail
+        written: list[Change] = []
         while kept:
-            self.store.write(tenant, kept[0])
+            try:
+                self.store.write(tenant, kept[0])
+            except StoreFenced:
+                self._renumber_locked(tenant, kept)
+                continue
             changes = kept.pop(0)
             for change in changes:
                 recorded.note(change)
             self._head[tenant] = changes[-1].seq
             self._ring.setdefault(tenant, deque(maxlen=self.memory)).extend(changes)
+            written += changes
         self._unwritten.pop(tenant, None)
-        return new
+        return written[len(written) - len(new):]
+
+    def _renumber_locked(self, tenant: str, kept: list[list[Change]]) -> None:
+        """Number the `kept` changes after the store's newest, as one segment, where a fenced log's segment took their
+        first segment's name (`ChangeStore.write`'s `StoreFenced`): in the takeover window the fenced log's write
+        landed first, a change made just before the takeover, and this log, which holds the store, writes after it
+        (refusing each write, it wrote nothing more for the tenant). Raises where this log is the fenced one (a read of
+        the lease made now) or has no fence (then no other log may write its store). Revisions stay: a catalog
+        change's is that of the file already written."""
+        if self.fence is None:
+            raise StoreFenced(f"changes of tenant {tenant} were written by another log on this store: give each "
+                              "service its own store") from None
+        self.fence(fresh=True)
+        first = self.store.last_seq(tenant) + 1
+        changes = [change for segment in kept for change in segment]
+        kept[:] = [[change.model_copy(update={"seq": first + i}) for i, change in enumerate(changes)]]
+        log.warning("event=change_renumbered tenant=%s first=%d count=%d: a fenced service's change took their "
+                    "numbers in the takeover window", tenant, first, len(changes))
 
     def _check_fence(self) -> None:
         """Raise (`fence`) unless this log may write the store now."""

@@ -1869,6 +1869,37 @@ def test_a_segment_is_written_again_as_it_was_but_never_over_another_logs(tmp_pa
     assert [c.generation for c in store.read("acme", 0, 10)] == ["theirs"]
 
 
+def test_a_fenced_segment_landed_first_under_the_successors_numbers_leaves_its_log_writing_after_it(tmp_path):
+    """In the takeover window the fenced backend's segment may land first under the name the successor's log gives
+    its next change: the successor's write was refused (`StoreFenced`) and kept, and written again as it was, refused
+    again, for good: every later change of the tenant too (telemetry answered 503 `store_fenced` by the service that
+    holds the store). The log that holds the store numbers its changes after the fenced one's; the fenced log's
+    next write is refused, and a reader of the store gets each change once, in order."""
+    from raytwin.statestore import StoreFenced
+
+    holds = {"fenced": True}
+
+    def fenced_check(fresh: bool = False) -> None:
+        if fresh or not holds["fenced"]:  # its verdict up to a second old; a read of the lease now finds it taken
+            raise StoreFenced("another service took the store over")
+
+    fenced = ChangeLog(str(tmp_path), fence=fenced_check)
+    fenced.record("acme", drafts(1))  # change 1
+    successor = ChangeLog(str(tmp_path), fence=lambda fresh=False: None)
+    assert successor.head("acme") == 1  # read at its first change of the tenant
+    fenced.record("acme", drafts(1, asset="f"))  # in the window: change 2 lands first
+    assert [c.seq for c in successor.record("acme", drafts(1, asset="s"))] == [3]
+    assert [c.seq for c in successor.record("acme", drafts(1, asset="s"))] == [4]
+    holds["fenced"] = False  # a second later
+    with pytest.raises(StoreFenced):
+        fenced.record("acme", drafts(1, asset="f"))
+    stored = successor.store.read("acme", 0, 10)
+    assert [(c.seq, c.asset_id, c.generation) for c in stored] == [
+        (1, "a", fenced.generation), (2, "f", fenced.generation), (3, "s", successor.generation),
+        (4, "s", successor.generation)]
+    assert successor.unwritten() == 0 and successor.head("acme") == 4
+
+
 def test_a_job_cancelled_within_a_second_of_a_takeover_saves_no_record_over_its_successors(tmp_path):
     """A cancel passed the fence check's verdict, kept for a second: a queued job cancelled within a second of a
     takeover saved its end (cancelled) over the record in which the successor's start failed it, and appended its
