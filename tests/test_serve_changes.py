@@ -1925,6 +1925,28 @@ def test_a_job_cancelled_within_a_second_of_a_takeover_saves_no_record_over_its_
     asyncio.run(scenario())
 
 
+def test_a_job_cancelled_in_the_takeover_window_is_refused_over_the_successors_end(tmp_path):
+    """A cancel reads the lease afresh and then writes: a takeover between the two let the queued job's `cancelled`
+    record replace the one in which the successor's start failed it. The successor claimed the job's end first: the
+    cancel is refused (503 `store_fenced`), the record stays the successor's."""
+    from raytwin.statestore import StoreFenced
+    from serve_apps.jobs import read_records
+    from tests.test_serve_jobs import HeldJobs, _submit
+
+    async def scenario() -> None:
+        fenced = _job_backend(tmp_path, slots=1)
+        HeldJobs(fenced.jobs)
+        running, queued = (_submit(fenced.jobs, "acme") for _ in range(2))
+        fenced._lease_reads = lambda timeout_s: fenced.twins.lease  # every read of the lease made before the takeover
+        _job_backend(tmp_path)  # takes the store over; its start fails both jobs
+        with pytest.raises(StoreFenced, match="ended by the service that took the store over"):
+            await fenced.cancel_job("acme", queued, "key-acme")
+        assert {job.job_id: job.state for job in read_records(fenced.jobs.fs, fenced.jobs.root)} == {
+            running: "failed", queued: "failed"}
+
+    asyncio.run(scenario())
+
+
 def test_a_fenced_backend_saves_no_job_record_over_its_successors_and_starts_none_of_its_queued_jobs(tmp_path):
     """The fenced backend's job queue went on after the takeover: a job that ended there saved its record over the one
     the successor's start wrote (failed, and recorded so on the change log), its queued job started (saved as
