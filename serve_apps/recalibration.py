@@ -14,8 +14,9 @@ version, reserved before launch) are one JSON document per tenant, rewritten bef
 acts on it. A restarted backend relaunches the running jobs (`sweeps.recalibration.recalibrate`
 finishes a candidate a crashed attempt registered instead of calibrating again) and reads the
 changes after the cursor from the store, so a trigger is neither lost nor run twice. So does a service that took the
-store over from another: the fenced one (`Recalibrator.fence`, the store's lease read for each job's end or relaunch)
-then records no job's end and relaunches nothing, so the document is the successor's alone (its task still running
+store over from another: the fenced one (`Recalibrator.fence`, the store's lease read before each write of the
+document: a job's end or relaunch, a trigger admitted or dropped, a launch) then records no job's end, admits no
+trigger and launches nothing, so the document is the successor's alone (its task still running
 there ends unrecorded: the successor's relaunch finishes the job).
 """
 
@@ -225,6 +226,8 @@ class Recalibrator:
                     admitted |= self._admit(tenant, state, trigger)
             state.cursor = news[-1].seq
             if admitted or state.cursor - self._saved.get(tenant, 0) >= SAVE_EVERY:
+                if self._fenced(tenant, "-", "admit"):
+                    return
                 self._save(tenant)  # the cursor and what it admitted, in one write
             self._pump(tenant, state)
 
@@ -248,8 +251,9 @@ class Recalibrator:
         """Whether another service took the store over (`fence`): its backend resumed the tenant's recalibrations from
         the state document (`resume`: it relaunches the running ones), so this one records no job's `what` there and
         launches nothing beside it (logged). From a read of the lease made now: `what` rewrites the document, and a
-        verdict up to a second old (`serve_apps.backend.FENCE_CHECK_S`) let a job end or relaunch over the state the
-        successor resumed within that second."""
+        verdict up to a second old (`serve_apps.backend.FENCE_CHECK_S`) let a job end or relaunch, or a change the
+        fenced log wrote within that second admit a trigger and launch its calibration, over the state the successor
+        resumed. Asked only before a write: a poll that admits, drops and launches nothing reads no lease."""
         if not fenced(self.fence, fresh=True):
             return False
         log.warning("event=recalibration_held tenant=%s job=%s what=%r: this service no longer holds its store; the "
@@ -314,12 +318,16 @@ class Recalibrator:
             while True:
                 ready = [t for t in state.pending.get(model_ref, []) if self._settled(tenant, t, policy)]
                 if weak := [t for t in ready if not self._strong(tenant, t, policy)]:
+                    if self._fenced(tenant, "-", f"drop weak triggers of {model_ref}"):
+                        return
                     self._drop(tenant, state, model_ref, weak, policy)
                     ready = [t for t in ready if t not in weak]
                 free = policy.max_concurrent_jobs - sum(
                     j.model_ref.partition("@")[0] == type_name for j in state.running.values())
                 if not ready or free <= 0:
                     break
+                if self._fenced(tenant, "-", f"launch a calibration of {model_ref}"):
+                    return
                 triggers = sorted(ready, key=lambda t: (-t.drift_score, t.seq))
                 group = triggers[:1] if free > 1 else triggers  # the last slot takes all the ready rest
                 _take_pending(state, model_ref, group)

@@ -286,6 +286,26 @@ def test_a_fenced_backend_neither_ends_nor_relaunches_a_recalibration_its_succes
     assert successor.snapshot("acme").running[job.job_key].attempts == 2
 
 
+def test_a_fenced_backend_admits_no_trigger_and_launches_nothing_within_the_second_of_a_takeover(tmp_path):
+    """A change the fenced backend's log wrote within a second of a takeover (its fence check's verdict kept that
+    long) was polled: its latch admitted, the tenant's state document saved over the successor's and a calibration
+    launched beside the successor's service. Each write of the document reads the lease first: none happens."""
+    from raytwin.statestore import StoreFenced
+
+    w = World(tmp_path)
+    w.drift(["z1"])  # the successor's state, as the fenced one saved it before the takeover
+    saved = (tmp_path / "acme" / "trigger-state.json").read_text()
+
+    def taken(fresh: bool = False) -> None:
+        if fresh:
+            raise StoreFenced("service b (epoch 2) took the store over")
+
+    w.trigger.fence = taken
+    w.drift(["z2"])
+    assert [j.asset_id for j in w.launched] == ["z1"]
+    assert (tmp_path / "acme" / "trigger-state.json").read_text() == saved
+
+
 def test_a_job_that_cannot_start_fails_and_frees_its_slot(tmp_path):
     w = World(tmp_path, POLICY.model_copy(update={"max_concurrent_jobs": 1}))
 
