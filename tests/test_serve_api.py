@@ -433,6 +433,16 @@ def wait_for(http, job_id: str, headers: dict) -> dict:
     return job
 
 
+def _run_started(root: Path, before: set[Path]) -> str:
+    """The id of a run, not among `before`, that began (its output folder made: it records itself whatever its end),
+    waited for: a loaded machine may take many seconds to start one."""
+    deadline = time.monotonic() + 180
+    while not (began := [d.name for d in root.glob("store/runs/acme/*") if d not in before and (d / "output").is_dir()]):
+        assert time.monotonic() < deadline, "no sweep run began within 180 s"
+        time.sleep(0.2)
+    return began[0]
+
+
 def download(http, job_id: str, headers: dict) -> pa.Table:
     """A job's part files as one table, each checked against the SHA-256 its job recorded (a sweep's run record's), as
     its file listing names it too."""
@@ -542,6 +552,7 @@ def test_queued_and_running_jobs_can_be_cancelled(api, http, building):
     lhs = {"method": "lhs", "n": 10_000, "seed": 3, "dimensions": [{"name": "R_io", "target": "param",
                                                                      "mode": "scale", "low": 0.5, "high": 1.5}]}
     long = {**_sweep(building, lhs), "horizon_s": 60.0 * 1_000_000}  # 1e10 scenario-steps: minutes
+    runs_before = set(Path(api[2]).glob("store/runs/acme/*"))
     submitted = [http.post("/v1/sweeps", params={"mode": "async"}, json=long, headers=writer) for _ in range(3)]
     assert all(r.status_code == 202 for r in submitted), submitted[0].text
     ids = [r.json()["job_id"] for r in submitted]  # two run (max_concurrent_jobs), one waits
@@ -550,6 +561,7 @@ def test_queued_and_running_jobs_can_be_cancelled(api, http, building):
     assert_error(http.post(f"/v1/jobs/{ids[2]}/cancel", headers=writer), 409, "conflict")
     assert_error(http.post(f"/v1/jobs/{ids[0]}/cancel", headers=auth(api, "other")), 404, "not_found")
     assert_error(http.post(f"/v1/jobs/{ids[0]}/cancel", headers=auth(api, "reader")), 403, "forbidden")
+    started = _run_started(Path(api[2]), runs_before)  # so that a run record is there to say it was cancelled
     for job_id in ids[:2]:
         assert http.post(f"/v1/jobs/{job_id}/cancel", headers=writer).status_code == 200
     linked = []  # a cancelled job showed run_id null: its user could not find the run record saying so
@@ -566,7 +578,8 @@ def test_queued_and_running_jobs_can_be_cancelled(api, http, building):
     assert "while queued: it never ran" in http.get(f"/v1/jobs/{ids[2]}", headers=writer).json()["error"]
     records = [json.loads(p.read_text()) for p in Path(api[2]).glob("store/runs/acme/*/run.json")]
     mine = [r for r in records if r["spec"]["horizon_s"] == long["horizon_s"]]
-    assert mine and {r["status"] for r in mine} == {"cancelled"}, mine  # a run that started recorded itself cancelled
+    assert started in {r["run_id"] for r in mine} and {r["status"] for r in mine} == {"cancelled"}, mine  # a run
+    # that started recorded itself cancelled
     assert sorted(linked) == sorted(r["run_id"] for r in mine)  # each run record is linked from its job
     audit = http.get("/v1/audit", headers=auth(api, "admin")).json()
     cancels = [r["details"]["status"] for r in audit if r["action"] == "job.cancel" and r.get("phase") == "outcome"]
