@@ -620,12 +620,10 @@ def test_cli_refuses_lifecycle_changes_on_a_store_a_running_service_holds(tmp_pa
     the service must be the one writer. Reads stay open; a store no service holds is the CLI's."""
     import threading
 
-    from raytwin import statestore
     from raytwin.statestore import Lease, StateStore
-    from tests.fixtures_lease import renewing
+    from tests.fixtures_lease import renewing, watched_quickly
 
-    monkeypatch.setattr(statestore, "LEASE_EXPIRY_S", 0.2)  # (6 s in a service, whose shards renew every 2 s)
-    monkeypatch.setattr(statestore, "LEASE_HEARTBEAT_S", 0.02)
+    watched_quickly(monkeypatch)  # (6 s in a service, whose shards renew every 2 s)
     lc = _lifecycle(str(tmp_path / "store" / "registry" / "acme"), 2)
     run = _cli(tmp_path, monkeypatch)
     for version in ("1.0.0", "1.1.0"):

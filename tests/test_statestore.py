@@ -534,10 +534,9 @@ def test_live_holder_is_a_service_whose_shards_renew_the_lease_whatever_its_host
     import time
     from dataclasses import replace
 
-    from tests.fixtures_lease import renewing
+    from tests.fixtures_lease import renewing, watched_quickly
 
-    monkeypatch.setattr(statestore, "LEASE_EXPIRY_S", 0.2)
-    monkeypatch.setattr(statestore, "LEASE_HEARTBEAT_S", 0.02)
+    watched_quickly(monkeypatch)
     holder_clock = lambda: time.time() + skew_s  # noqa: E731
     store = StateStore(str(tmp_path / "store"))
     assert store.live_holder() is None  # never served
