@@ -12,7 +12,6 @@ import os
 import re
 import stat
 import threading
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -372,6 +371,7 @@ def test_a_connector_waiting_for_its_client_id_starts_once_its_holder_lets_it_go
     from connectors.mqtt import MqttKind
     from serve_apps.audit import AuditLog
     from serve_apps.connector_ops import ConnectorOps
+    from tests.fixtures_connectors import wait_for
 
     monkeypatch.setattr(MqttKind, "end_session", lambda self, *args: True)
     store, holder, waiter = unstarted.store, _mqtt("globex", "line", "gw-1"), _mqtt("acme", "a-line", "gw-1")
@@ -386,9 +386,8 @@ def test_a_connector_waiting_for_its_client_id_starts_once_its_holder_lets_it_go
     assert "starts by itself once" in (why := unstarted.status("acme", "a-line").last_error) and "globex" not in why
 
     ops.delete("globex", "line")  # (its answer does not wait for the start: it would tell a waiting one was there)
-    deadline = time.monotonic() + 10
-    while not any(r.phase == "outcome" for r in audit.records("acme")) and time.monotonic() < deadline:
-        time.sleep(0.01)  # (the start's audit outcome is written last)
+    wait_for(lambda: any(r.phase == "outcome" for r in audit.records("acme")),  # (the start's, written last)
+             "the waiting connector's start, on the deletion's supervise thread, audited")
     assert unstarted.started[-1] == ("acme", "a-line") and unstarted.status("acme", "a-line").state != "down"
     with pytest.raises(SessionTaken):  # passed on, never free: a declaration racing in does not get it
         store.claim(waiter.session_key(), "initech", "line")
