@@ -13,16 +13,22 @@ swapped only while it still runs what was read (`actors.live_models.LiveModels.s
 promotion swapped since keeps that), only while the log's production version is the one read before the twins
 were; and once swapped, the log is read again: a promotion recorded meanwhile, whose own swap the twins may have
 refused (the start's boundary came later), is finished too (`FINISH_TRIES` times at most).
+
+The route's own swap (`swap_while_production`) is conditional the same way: two promotions or rollbacks from
+different replicas swap the twins in either order, and each twin ends on the version the log says is production.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from actors.live_models import LiveModels, SwapOutcome
+from actors.state import TwinState
 from actors.swap import SwapMark
 from raytwin.lifecycle import ChainBroken, ModelLifecycle
+from raytwin.registry import ModelArtifact
+from raytwin.statestore import from_micros
 from serve_apps.audit import AuditLog
 from serve_apps.audit_steps import audited, by_system
 from serve_apps.store_errors import StoreUnavailable
@@ -31,6 +37,9 @@ log = logging.getLogger("raytwin.serve.promotions")
 FINISH_TRIES = 3
 """How many times a model's production version is read and its twins finished while promotions keep landing beside
 the start: those after are their own swaps' (or the next start's)."""
+SWAP_TRIES = 3
+"""How many times a promotion's swap plans again on the twins another swap moved meanwhile (`swap_while_production`):
+those still moved after are named, and the next start finishes them."""
 
 
 def finish_interrupted_swaps(lifecycle: ModelLifecycle, models: LiveModels, tenant: str,
@@ -86,3 +95,46 @@ def _production(lifecycle: ModelLifecycle, tenant: str, model: str) -> str | Non
         log.error("event=production_check_skipped tenant=%s model=%s error=%r", tenant, model, str(exc))
         return None
     return None if production is None else f"{model}@{production}"
+
+
+def swap_while_production(lifecycle: ModelLifecycle, models: LiveModels, tenant: str, artifact: ModelArtifact,
+                          at: datetime) -> SwapOutcome:
+    """A promotion's (or rollback's) swap of the tenant's twins of the model to `artifact` at `at` (just after a twin's
+    last boundary, where another host's clock set that later), while `artifact` is production. Unconditional, two
+    replicas' swaps reaching the shards in the other order than their records (or a later record's boundary before the
+    earlier's) left the twins on the version that was not production until the next start. Each twin is swapped only
+    while it stands where it was read before the log: a swap of a transition recorded after the read moves it first
+    (refused; planned again on where it then stands, `SWAP_TRIES` times at most), one recorded before leaves it in
+    `refused`, naming the production version, whose own swap moves it. A twin refusing on its own is not asked again."""
+    ref, model = artifact.ref, artifact.name
+    swapped: dict[str, TwinState] = {}
+    refused: dict[str, str] = {}
+    tried: dict[str, SwapMark] = {}  # each twin's mark when last asked: unchanged since, it refused on its own
+    for _ in range(SWAP_TRIES):
+        marks = models.swap_marks(tenant, model, other_than=ref)
+        refused = {a: why for a, why in refused.items() if a in marks}  # one another swap took to `ref` runs it
+        behind = {a: m for a, m in marks.items() if a not in swapped and tried.get(a) != m}  # (a swapped one moved on:
+        # a newer transition's swap)
+        if not behind:
+            break
+        if (production := f"{model}@{lifecycle.current(model).production}") != ref:
+            refused |= dict.fromkeys(behind, f"{ref} is no longer production ({production} is: promoted or rolled "
+                                             "back to meanwhile); that transition's swap moves the twin")
+            break
+        outcome = models.swap(tenant, artifact, _boundary_after(behind, at), marks=behind)
+        tried |= behind
+        swapped |= {s.asset_id: s for s in outcome.states}
+        refused = {a: why for a, why in refused.items() if a not in behind} | outcome.refused
+    else:
+        moved = [a for a, m in models.swap_marks(tenant, model, other_than=ref).items()
+                 if a not in swapped and tried.get(a) != m]
+        refused |= dict.fromkeys(moved, f"other swaps moved the twin each of the {SWAP_TRIES} times this one was "
+                                        f"planned; the service's next start swaps it to {ref} if that is production")
+    return SwapOutcome(states=list(swapped.values()), refused=refused)
+
+
+def _boundary_after(marks: dict[str, SwapMark], at: datetime) -> datetime:
+    """`at`, or a microsecond after the latest boundary among `marks` where that is later: a swap must come after a
+    twin's last, which another host whose clock is ahead may have set after `at` (refused, it left the twin behind)."""
+    last = max((us for _, us in marks.values() if us is not None), default=None)
+    return at if last is None else max(at, from_micros(last) + timedelta(microseconds=1))

@@ -29,6 +29,7 @@ from raytwin.shadow import recorded
 from serve_apps.auth import Principal
 from serve_apps.deps import READER, SVC, WRITABLE, WRITER, Services
 from serve_apps.errors import CONFLICT, BadRequest, Conflict, NotFound, unwrap
+from serve_apps.promotions import swap_while_production
 from serve_apps.routes_models import ModelName, Version, _call, _lifecycle
 from serve_apps.shadow_conclusions import evaluation_log, record_finished
 from serve_apps.shard_deadline import RETRY_AFTER_S, TwinUnavailable
@@ -92,14 +93,16 @@ async def _live(svc: Services, call: Callable[[LiveModels], Any]) -> Any:
 async def swap_on_promotion(svc: Services, request: Request, who: Principal,
                             record: TransitionRecord) -> SwapOutcome:
     """After a promotion or rollback: the tenant's twins of the model switch to the new production
-    version for events from now (server time) on; audited with the twins swapped and refused."""
+    version for events from now (server time) on, while it is production (`serve_apps.promotions.
+    swap_while_production`: another replica's transition beside it); audited with the twins swapped and refused."""
+    lc = _lifecycle(svc, who.tenant)
     try:
-        artifact = await run_in_threadpool(_lifecycle(svc, who.tenant).registry.get, f"{record.model}@{record.version}")
+        artifact = await run_in_threadpool(lc.registry.get, f"{record.model}@{record.version}")
     except RegistryError as exc:
         raise NotFound(str(unwrap(exc))) from None
     at = datetime.now(UTC)
     async with svc.audited(request, who, "model.swap", artifact.ref, at=at.isoformat(), seq=record.seq) as audit:
-        outcome: SwapOutcome = await _live(svc, lambda m: m.swap(who.tenant, artifact, at))
+        outcome: SwapOutcome = await _live(svc, lambda m: swap_while_production(lc, m, who.tenant, artifact, at))
         audit.update(swapped=[s.asset_id for s in outcome.states], refused=outcome.refused)
     if outcome.refused:
         log.warning("event=swap_refused tenant=%s model=%s twins=%d: they keep the version they run",

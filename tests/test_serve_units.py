@@ -1598,7 +1598,6 @@ def test_no_act_on_the_store_is_done_unaudited_and_each_leaves_its_intent_and_ou
     Where the store cannot take the intent, nothing is done (503); a done act leaves its intent and its outcome."""
     from raytwin.lifecycle import Actor, ModelLifecycle
     from raytwin.recalibration import PolicyStore
-    from actors.live_models import SwapOutcome
     from raytwin.registry import ModelRegistry
     from serve_apps import routes_query, routes_shadow
     from tests.fixtures_serve import in_process
@@ -1614,7 +1613,7 @@ def test_no_act_on_the_store_is_done_unaudited_and_each_leaves_its_intent_and_ou
         lc.transition(f"thermal_rc@{version}", "production", approver, "approved")
     logged = lc.records("thermal_rc")
     monkeypatch.setattr(routes_query, "_matching", lambda *args: _matched(SimpleNamespace(id="pump-1")))
-    no_twins = SimpleNamespace(swap=lambda *args: SwapOutcome(states=[], refused={}))  # the rollback's (no Ray)
+    no_twins = SimpleNamespace(swap_marks=lambda *args, **kwargs: {})  # the rollback's swap: none behind (no Ray)
     monkeypatch.setattr(routes_shadow, "live_models", lambda svc: no_twins)
     backend = _StoreActs(tmp_path)
     proposed = backend.ledger.propose("acme", "web", "pump-1", "setpoint", {"q": 2.0}, "k-writer").id

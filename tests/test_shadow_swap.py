@@ -275,6 +275,78 @@ def test_the_starts_finishing_of_an_interrupted_swap_leaves_the_twins_on_a_promo
         assert done == {}
 
 
+@pytest.mark.parametrize("order", ["the later record's swap first", "the earlier record's boundary later",
+                                   "the earlier record's swap between the later's read and swap"])
+def test_two_promotions_swapping_in_the_other_order_than_their_records_leave_the_twins_on_production(
+        tmp_path, monkeypatch, order):
+    """Replica A promotes 1.1.0, then replica B 1.2.0 (two records, in that order); their routes' swaps reach the
+    shard in the other order, or A's host clock is ahead of B's. Unconditional, A's swap undid B's or B's was refused
+    (its boundary before A's): the twin ran 1.1.0 under 1.2.0's production until the next start. Now each route swaps
+    only while its version is production and the twin stands where it was read: the twin ends on 1.2.0, and A's
+    answer says why it was left."""
+    import asyncio
+    from contextlib import asynccontextmanager
+
+    from actors.live_models import LiveModels
+    from serve_apps import routes_shadow
+
+    registry = ModelRegistry(str(tmp_path / "models"))
+    old, first, second = (registry.register("zone", v, AssetType.from_model(THERMAL_RC)) for v in
+                          ("1.0.0", "1.1.0", "1.2.0"))
+    lc, author = ModelLifecycle(registry), Actor(id="alice", tenant="acme")
+    approver = Actor(id="bob", tenant="acme", roles=frozenset({"approver"}))
+    live = shard(tmp_path / "shard")
+    live.register("acme", "z1", registration_record(asset("z1"), old, None, None))
+    monkeypatch.setattr("ray.get", direct_get)
+    models, audited = LiveModels([Direct(live)]), []
+    real_swap, clock = models.swap, {first.ref: T0 + timedelta(seconds=1), second.ref: T0}  # A's host is ahead
+
+    @asynccontextmanager
+    async def audit(request, who, action, target, **attempted):
+        audited.append((target, outcome := {}))
+        yield outcome
+
+    monkeypatch.setattr(routes_shadow, "_lifecycle", lambda svc, tenant: lc)
+    monkeypatch.setattr(routes_shadow, "live_models", lambda svc: models)
+    monkeypatch.setattr(routes_shadow, "datetime", SimpleNamespace(now=lambda tz: clock[promoting[-1]]))
+    promoting: list[str] = []
+
+    def promote(art) -> None:  # the route: the record, then its swap
+        promoting.append(art.ref)
+        record = [lc.transition(art.ref, to, approver if to == "production" else author, "checked")
+                  for to in ("candidate", "staging", "production")][-1]
+        asyncio.run(routes_shadow.swap_on_promotion(SimpleNamespace(audited=audit), None,
+                                                    SimpleNamespace(tenant="acme"), record))
+
+    def b_lands_inside_a(*args, **kwargs):  # A's swap, called: B's promotion lands first, or beside B's own swap
+        if order == "the later record's swap first":
+            monkeypatch.setattr(models, "swap", real_swap)
+            promote(second)
+            return real_swap(*args, **kwargs)
+        outcome = {}
+        monkeypatch.setattr(models, "swap", lambda *b_args, **b_kwargs: (  # B's swap: A's lands just before it
+            monkeypatch.setattr(models, "swap", real_swap), outcome.update(a=real_swap(*args, **kwargs)),
+            real_swap(*b_args, **b_kwargs))[-1])
+        promote(second)
+        return outcome["a"]
+
+    if order == "the earlier record's boundary later":
+        promote(first)
+        promote(second)
+    else:
+        monkeypatch.setattr(models, "swap", b_lands_inside_a)
+        promote(first)
+    assert live.twins_of_model("acme", "zone", running=second.ref) == ["z1"]
+    swaps = {target: outcome for target, outcome in audited}
+    assert swaps[second.ref]["swapped"] == ["z1"] and swaps[second.ref]["refused"] == {}
+    if order == "the later record's swap first":
+        assert swaps[first.ref] == {"swapped": [], "refused": {"z1": (
+            f"{first.ref} is no longer production ({second.ref} is: promoted or rolled back to meanwhile); that "
+            "transition's swap moves the twin")}}
+    else:
+        assert swaps[first.ref] == {"swapped": ["z1"], "refused": {}}
+
+
 def test_shadow_resumes_after_a_shard_restart_with_the_uninterrupted_statistics(tmp_path, versions):
     """A shard restarted mid-evaluation (a new shard on the store, what Ray's restart runs) resumes the
     shadow from its checkpoint and the event log: its statistics equal those of a shard that never
