@@ -288,10 +288,17 @@ class Connectors:
         if (held := self._held) is not None and not self._running(tenant, name):
             raise ConnectorDown(name, held.why, held.since)
 
-    def _failed(self, tenant: str, name: str, exc: ray.exceptions.ActorDiedError) -> ConnectorDown:
-        """Record and export that the connector's actor died starting (not tried again for `START_RETRY_S`)."""
+    def _failed(self, tenant: str, name: str,
+                exc: ray.exceptions.ActorDiedError) -> ConnectorDown | UnknownConnector:
+        """Record and export that the connector's actor died starting (not tried again for `START_RETRY_S`), unless
+        the connector is deleted (`UnknownConnector`): an actor a read started right before a delete dies reading
+        the declaration gone, after the delete cleared the connector's down state, and was marked down for good,
+        its gauge set. Asked after marking it, so that a delete's clearing before the mark is not undone."""
         why = _died_because(exc)
         since = self._mark_down(tenant, name, time.monotonic() + START_RETRY_S, why, "failed")
+        if self._declared(tenant, name) is None:
+            self._up(tenant, name)
+            return UnknownConnector(f"no connector {name!r} for tenant {tenant!r}: it was deleted while it started")
         log.error("event=connector_down tenant=%s connector=%s error=%r", tenant, name, why)
         return ConnectorDown(name, why, since)
 

@@ -452,6 +452,53 @@ def test_a_supervision_pass_due_while_a_waiting_connector_changes_starts_what_is
         assert [s.broker.client_id for s in started_as] == ["gw-2"]
 
 
+@pytest.mark.parametrize("starter", ["a supervision pass", "a status read"])
+def test_a_connector_whose_actor_started_right_before_its_delete_dies_starting_leaves_nothing_behind(
+        tmp_path: Path, unstarted: Unstarted, monkeypatch: pytest.MonkeyPatch, starter: str) -> None:
+    """An actor started right before its connector's delete dies in its constructor (which reads the declaration).
+    A status read (not under the supervision pass's lock) started it after the delete had stopped the old one and
+    cleared the connector's down state: its death marked the deleted connector down, its "not started" gauge set, for
+    good. (A pass's start runs wholly before a delete, under the lock: the delete clears its death.)"""
+    import ray
+
+    from connectors.mqtt import MqttKind
+    from connectors.spec import UnknownConnector
+    from raytwin import metrics
+    from serve_apps.connector_ops import ConnectorOps
+
+    exported: dict[str, str | None] = {}
+    monkeypatch.setattr(metrics, "set_not_started", lambda connector, reason: exported.update({connector: reason}))
+    monkeypatch.setattr(MqttKind, "end_session", lambda self, *args: True)
+    _declared_in_order(unstarted.store, tmp_path / "store", _mqtt("globex", "line", "gw-1"),
+                       _mqtt("acme", "a-line", "gw-1"))
+    assert unstarted.start_declared() == 1  # a-line waits for gw-1
+    ops = ConnectorOps.__new__(ConnectorOps)  # without connectors to start
+    ops.reach, ops.operators, ops.connectors = Reach(None), set(), unstarted
+    ops.audit, ops._supervising = None, threading.Lock()
+    monkeypatch.setattr(ops, "_supervised", lambda: None)  # the passes run here, in the order the test sets
+
+    def dies_starting(tenant: str, name: str) -> Any:
+        if starter == "a status read":
+            ops.delete(tenant, name)  # between the read's check of the declaration and its start of the actor
+        dying = SimpleNamespace(remote=lambda *args: (_ for _ in ()).throw(ray.exceptions.ActorDiedError()))
+        return SimpleNamespace(status=dying, pause=dying, resume=dying)
+
+    if starter == "a supervision pass":
+        (tenant, name), started = ("acme", "a-line"), unstarted.started[:]
+        ops.delete("globex", "line")  # gw-1 passed on: a-line is due at the next pass
+        monkeypatch.setattr(unstarted, "_actor", dies_starting)
+        assert ops.supervise() == [] and exported == {"acme/a-line": "failed"}  # (its start was tried)
+        ops.delete(tenant, name)
+    else:
+        (tenant, name) = ("globex", "line")
+        unstarted._kill(tenant, name)  # (not running: the read starts it)
+        monkeypatch.setattr(unstarted, "_actor", dies_starting)
+        with pytest.raises(UnknownConnector):
+            unstarted.status(tenant, name)
+    assert (tenant, name) not in unstarted._down and exported.get(f"{tenant}/{name}") is None
+    assert name not in unstarted.names(tenant)
+
+
 def test_of_connectors_waiting_for_one_client_id_the_earliest_declared_gets_it_and_only_once_the_session_ended(
         tmp_path: Path, unstarted: Unstarted, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Of two connectors waiting for one id, the earlier declared gets it (not the first by name), the other once
