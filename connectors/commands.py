@@ -16,6 +16,8 @@ Why each rule:
   is *expired*: whether the asset executed it is unknown, and an operator must look. An answer that comes
   after that is kept (`ack`, and a history entry saying it was late) but the command stays expired: a
   status that turns back to acknowledged long after people acted on "expired" would mislead them.
+- **Never open for good.** A connector's delete settles its open commands, by ``system`` (`settle_deleted`): no
+  process of it would send, answer or expire them any more.
 - **Audited.** Every transition is kept in the record's history with who and when.
 """
 
@@ -23,7 +25,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from contextlib import suppress
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext, suppress
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any
@@ -133,14 +136,15 @@ def _saves_claimed(claimed: Command, same: bool) -> bool:
     return same or claimed.status is CommandStatus.refused
 
 
-def _failed_by_restart(command: Command) -> str | None:
-    """Why a restart of its connector fails `command` (`CommandLedger.recover`), or None."""
+def _failed_by_restart(command: Command, stopped: str = "the connector stopped") -> str | None:
+    """Why its connector's end (`stopped`: a restart, `CommandLedger.recover`; a delete, `settle_deleted`) fails
+    `command`, or None."""
     if command.status is CommandStatus.approved:
-        return "not sent: the connector stopped before sending; propose it again"
+        return f"not sent: {stopped} before sending; propose it again"
     if command.status is CommandStatus.sending:
-        return "outcome unknown: the connector stopped while sending; not re-sent"
+        return f"outcome unknown: {stopped} while sending; not re-sent"
     if command.status is CommandStatus.sent and (command.history[-1].detail or "").startswith("unconfirmed"):
-        return "outcome unknown: the connector stopped before the broker confirmed the command; not re-sent"
+        return f"outcome unknown: {stopped} before the broker confirmed the command; not re-sent"
     return None
 
 
@@ -148,6 +152,37 @@ ANSWER_OF_THE_SEND = {"status": "ok", "detail": "the source accepted the command
                       "had), and the connector stopped before it recorded the answer, whose detail is lost"}
 """The answer a restarted connector records on a command it finds sent, of a kind answered by the send itself
 (`CommandLedger.recover`)."""
+
+Settling = Callable[[Command], AbstractContextManager[dict[str, Any]]]
+"""How the system's settlement of a command is audited (`CommandLedger.settle_deleted`): the context its write runs in,
+given the command as settled (its intent written before, its outcome after, with what the body put in the dict)."""
+
+
+def unaudited(command: Command) -> AbstractContextManager[dict[str, Any]]:
+    """No audit log (the CLI's and tests' ledgers)."""
+    return nullcontext({})
+
+
+SYSTEM = "system"
+"""Who settles a deleted connector's commands (`CommandLedger.settle_deleted`): neither a key nor the connector."""
+
+
+def _ended(command: Command, by: str, stopped: str, answered_by_send: bool) -> Command | None:
+    """`command` as its connector's end (`stopped`) leaves it: failed (`_failed_by_restart`), or, left sent by a kind
+    whose send is the answer, acknowledged (`ANSWER_OF_THE_SEND`); None: unchanged."""
+    if reason := _failed_by_restart(command, stopped):
+        return command.moved(CommandStatus.failed, by, reason)
+    if answered_by_send and command.status is CommandStatus.sent:
+        return command.moved(CommandStatus.acknowledged, by, ANSWER_OF_THE_SEND["detail"], ack=ANSWER_OF_THE_SEND)
+    return None
+
+
+def _expired_by_delete(command: Command, deleted: str) -> Command | None:
+    """A sent command whose connector was deleted before its asset answered, expired; None for any other."""
+    if command.status is not CommandStatus.sent:
+        return None
+    return command.moved(CommandStatus.expired, SYSTEM, f"{deleted} before asset {command.asset_id} answered: whether "
+                         "it executed the command is unknown; check the asset")
 
 
 class CommandLedger:
@@ -399,11 +434,35 @@ class CommandLedger:
             given_up = datetime.now(UTC) - answers_kept
             self._unmark(self._index(tenant, f"connector={connector}"), [
                 c.id for c in mine if c.status is CommandStatus.expired and c.history[-1].at <= given_up])
+        return [self._save(moved) for c in mine
+                if (moved := _ended(c, f"connector:{connector}", "the connector stopped", answered_by_send))]
+
+    def settle_deleted(self, tenant: str, connector: str, answered_by_send: bool = False,
+                       audited: Settling = unaudited) -> list[Command]:
+        """Settle the commands of `connector`, being deleted: no process of it will send, answer or expire them any
+        more, and each would stay open for good. By ``system``, each detail naming the delete, each in `audited`'s
+        context: a proposed one is refused, the one decision claimed as any (one decided meanwhile keeps that decision,
+        its decider settles it); one it held is failed or acknowledged as a restart would (`recover`), and one sent
+        that its asset has not answered is expired (whether it executed is unknown); no late answer is awaited any
+        more (its connector index emptied). Proposals are not indexed by connector, so the tenant's records are read
+        whole (a delete is rare). Called before the declaration is removed, so a delete cut short and tried again
+        finishes it; the commands it settled."""
+        self.index(tenant)
+        deleted = f"connector {connector!r} was deleted"
         settled = []
-        for c in mine:
-            if reason := _failed_by_restart(c):
-                settled.append(self.failed(c, reason))
-            elif answered_by_send and c.status is CommandStatus.sent:
-                settled.append(self._save(c.moved(CommandStatus.acknowledged, f"connector:{connector}",
-                                                  ANSWER_OF_THE_SEND["detail"], ack=ANSWER_OF_THE_SEND)))
+        for c in self._read(tenant, None):
+            if c.connector != connector:
+                continue
+            if c.status is CommandStatus.proposed:
+                moved = c.moved(CommandStatus.refused, SYSTEM, f"{deleted}: a command proposed through it can no "
+                                "longer be sent; propose it again through another connector")
+            elif not (moved := _ended(c, SYSTEM, deleted, answered_by_send) or _expired_by_delete(c, deleted)):
+                continue
+            with audited(moved) as outcome:
+                try:
+                    settled.append(self._decide(moved) if c.status is CommandStatus.proposed else self._save(moved))
+                except CommandError as exc:  # decided meanwhile: that decision stands
+                    outcome.update(status="refused", reason=str(exc))
+        folder = self._index(tenant, f"connector={connector}")
+        self._unmark(folder, [path.rsplit("/", 1)[-1] for path in self._listed(folder)])
         return settled

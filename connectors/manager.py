@@ -20,7 +20,8 @@ from typing import Any
 import ray
 
 from actors.ingest import ShardRouter
-from connectors.commands import Command, CommandError, CommandLedger, CommandStatus
+from connectors.commands import Command, CommandError, CommandLedger, CommandStatus, Settling
+from connectors.commands import unaudited as unaudited_settlement
 from connectors.kinds import AssetTypes, kind_of, parse_spec
 from connectors.reach import Reach
 from connectors.runtime import (ACTOR_PREFIX, ACTOR_SEPARATOR, MARKERS, ConnectorActor, ConnectorState,
@@ -343,12 +344,14 @@ class Connectors:
     def names(self, tenant: str) -> list[str]:
         return self.store.names(tenant)
 
-    def delete(self, tenant: str, name: str) -> None:
-        """Stop the connector, remove its declaration and credentials, discard its session at the source and pass
-        its client id on (`_let_go`)."""
+    def delete(self, tenant: str, name: str, audited: Settling = unaudited_settlement) -> None:
+        """Stop the connector, settle its open commands, each in `audited`'s context (`CommandLedger.settle_deleted`:
+        none would ever be sent, answered or expired otherwise), remove its declaration and credentials, discard its
+        session at the source and pass its client id on (`_let_go`)."""
         spec = self.spec(tenant, name)
         credentials = self.store.credentials(tenant, name)
         self._kill(tenant, name)
+        self.ledger.settle_deleted(tenant, name, kind_of(spec.kind).answered_by_send, audited)
         self.store.delete(tenant, name)
         self._up(tenant, name)
         self._let_go(spec, credentials)
@@ -577,7 +580,12 @@ class Connectors:
     def approve(self, tenant: str, command_id: str, by: str) -> Command:
         """Approve (by another key than the proposer's) and send through the connector's actor."""
         command = self.ledger.get(tenant, command_id)
-        handle = self._handle(tenant, command.connector)
+        try:
+            handle = self._handle(tenant, command.connector)
+        except UnknownConnector:  # deleted by a version that left its commands open (or while this one was read)
+            raise UnknownConnector(f"no connector {command.connector!r} for tenant {tenant!r}: command {command_id} "
+                                   "cannot be sent through it; refuse the command (a refusal needs no connector), "
+                                   "or declare the connector again and approve it") from None
         try:
             return ray.get(handle.approve.remote(tenant, command.id, by))
         except ray.exceptions.RayActorError:  # its process died: the restarted one settles the record, never resends

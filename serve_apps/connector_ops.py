@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from connectors.commands import CommandError, UnknownCommand
+from connectors.commands import Command, CommandError, UnknownCommand
+from connectors.commands import unaudited as unaudited_settlement
 from connectors.kinds import UnknownKind, parse_spec
 from connectors.manager import ConnectorDown, Connectors, InvalidConnector, stop_connector_actors, unaudited
 from connectors.spec import ConnectorSpec, Credentials, SessionTaken, UnknownConnector
@@ -217,8 +218,17 @@ class ConnectorOps:
     def delete(self, tenant: str, name: str) -> None:
         self._refuse_operators(tenant, name, "delete")
         with self._unsupervised():
-            self.connectors.delete(tenant, name)
+            self.connectors.delete(tenant, name, self._audited_settlement)
         self._supervised()
+
+    def _audited_settlement(self, command: Command) -> AbstractContextManager[dict[str, Any]]:
+        """A command a connector's delete settles (`Connectors.delete`), the system's act in its tenant's audit log."""
+        if self.audit is None:
+            return unaudited_settlement(command)
+        step = command.history[-1]
+        return audited(self.audit, by_system(command.tenant, "command.settle", command.id, {
+            "connector": command.connector, "asset_id": command.asset_id, "settled_as": step.status.value,
+            "reason": step.detail}))
 
     @_api_errors
     def propose(self, tenant: str, connector: str, asset_id: str, name: str, value: dict[str, Any],

@@ -205,3 +205,46 @@ def test_a_refusal_that_read_a_command_proposed_never_puts_its_sent_approval_bac
     assert connector.get("acme", command.id).status is CommandStatus.sent
     answer = {"correlation_id": sent.correlation_id, "status": "ok"}
     assert connector.acknowledged("acme", command.id, answer, ok=True).status is CommandStatus.acknowledged
+
+
+def test_a_deleted_connectors_open_commands_are_settled_by_the_system_each_once(tmp_path: Path, monkeypatch):
+    """A deleted connector left its commands open for good: proposed ones stayed proposed (approving one answered a
+    bare 404), sent ones never expired (only its own process expires them). Its delete settles them, by the system,
+    each detail naming the delete; a decision claimed meanwhile by a key stands (one decision), and another
+    connector's commands are left alone."""
+    ledger = CommandLedger(str(tmp_path))
+    made = _history(ledger, "a1")
+    other = _history(ledger, "a1", connector="d")
+    sending = ledger.claim("acme", ledger.approve("acme", ledger.propose(
+        "acme", "c", "a1", "setpoint", {"x": 2}, by="k1").id, by="k2").id, "c")
+    unconfirmed = ledger.propose("acme", "c", "a1", "setpoint", {"x": 3}, by="k1")
+    ledger.approve("acme", unconfirmed.id, by="k2")
+    ledger.sent(ledger.claim("acme", unconfirmed.id, "c"), 300.0, "unconfirmed: broker b did not confirm")
+    claimed = ledger.propose("acme", "c", "a1", "setpoint", {"x": 4}, by="k1")  # a key's refusal, its record unsaved
+    refusing = CommandLedger(str(tmp_path))
+    monkeypatch.setattr(refusing, "_save", lambda command: command)
+    refusing.refuse("acme", claimed.id, "k3", "unsafe")
+
+    deleted = "connector 'c' was deleted"
+    settled = {c.id: (c.status, c.history[-1].by, c.history[-1].detail)
+               for c in ledger.settle_deleted("acme", "c")}
+    assert settled == {
+        made["proposed"].id: (CommandStatus.refused, "system", f"{deleted}: a command proposed through it can no "
+                              "longer be sent; propose it again through another connector"),
+        made["approved"].id: (CommandStatus.failed, "system", f"not sent: {deleted} before sending; propose it again"),
+        made["sent"].id: (CommandStatus.expired, "system", f"{deleted} before asset a1 answered: whether it executed "
+                          "the command is unknown; check the asset"),
+        sending.id: (CommandStatus.failed, "system", f"outcome unknown: {deleted} while sending; not re-sent"),
+        unconfirmed.id: (CommandStatus.failed, "system", f"outcome unknown: {deleted} before the broker confirmed the "
+                         "command; not re-sent")}
+    assert ledger.get("acme", claimed.id).history[-1].by == "k3"  # the key's decision, saved, not the system's
+    assert ledger.get("acme", claimed.id).status is CommandStatus.refused
+    assert ledger.unsettled("acme", "c") == []  # no late answer awaited by a connector declared again under its name
+    assert ledger.settle_deleted("acme", "c") == []  # a delete tried again decides nothing twice
+    assert {c.id: c.status for c in ledger.list("acme") if c.connector == "d"} == {
+        c.id: c.status for c in other.values()}
+    # a kind whose send is the answer (OPC UA): recorded sent once the server accepted it, so acknowledged
+    ledger.approve("acme", (opcua := ledger.propose("acme", "o", "a1", "setpoint", {"x": 5}, by="k1")).id, by="k2")
+    ledger.sent(ledger.claim("acme", opcua.id, "o"), 300.0)
+    assert [(c.status, c.history[-1].by) for c in ledger.settle_deleted("acme", "o", answered_by_send=True)] == [
+        (CommandStatus.acknowledged, "system")]

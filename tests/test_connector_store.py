@@ -406,6 +406,44 @@ def test_a_connector_waiting_for_its_client_id_starts_once_its_holder_lets_it_go
     assert Unstarted(tmp_path / "store").start_declared() == 1
 
 
+def test_a_deleted_connectors_commands_are_settled_and_audited_as_the_systems(
+        tmp_path: Path, unstarted: Unstarted, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deleted connector left its commands open for good: a proposed one stayed proposed, approving it answered a
+    bare 404 `no connector 'plant2'` (no word of refusing it instead), and a sent one never expired. The delete
+    settles them, each audited in the tenant's log as the system's `command.settle` (intent, then outcome); one left proposed (by an older
+    version's delete) answers its approval with a 404 saying to refuse it, and its refusal needs no connector."""
+    from connectors.mqtt import MqttKind
+    from serve_apps.audit import AuditLog
+    from serve_apps.connector_ops import ConnectorOps
+    from serve_apps.errors import NotFound
+
+    monkeypatch.setattr(MqttKind, "end_session", lambda self, *args: True)
+    unstarted.store.save(_mqtt("acme", "plant2", "gw-2"), Credentials())
+    ledger = unstarted.ledger
+    proposed, sent = (ledger.propose("acme", "plant2", "pump-1", "setpoint", {"x": x}, by="k1") for x in (1, 2))
+    ledger.approve("acme", sent.id, "k2")
+    ledger.sent(ledger.claim("acme", sent.id, "plant2"), 300.0)
+    ops = ConnectorOps.__new__(ConnectorOps)  # without connectors to start
+    ops.reach, ops.operators, ops.connectors = Reach(None), set(), unstarted
+    ops.audit, ops._supervising = AuditLog(str(tmp_path / "audit")), threading.Lock()
+
+    ops.delete("acme", "plant2")
+    assert (ledger.get("acme", proposed.id).status, ledger.get("acme", sent.id).status) == ("refused", "expired")
+    assert sorted((r.phase, r.target, r.key_id, r.role, r.details["settled_as"], r.details.get("status"),
+                   "connector 'plant2' was deleted" in r.details["reason"])
+                  for r in ops.audit.records("acme") if r.action == "command.settle") == sorted([
+        (phase, command.id, "system", "system", settled_as, status, True)
+        for command, settled_as in ((proposed, "refused"), (sent, "expired"))
+        for phase, status in (("intent", None), ("outcome", "done"))])
+
+    left = ledger.propose("acme", "plant2", "pump-1", "setpoint", {"x": 3}, by="k1")
+    with pytest.raises(NotFound, match=f"no connector 'plant2' for tenant 'acme': command {left.id} cannot be sent "
+                                       r"through it; refuse the command \(a refusal needs no connector\), or "
+                                       "declare the connector again and approve it"):
+        ops.approve("acme", left.id, "k2")
+    assert ops.refuse("acme", left.id, "k2", "its connector is gone")["status"] == "refused"
+
+
 @pytest.mark.parametrize("change", ["deleted", "declared again"])
 def test_a_supervision_pass_due_while_a_waiting_connector_changes_starts_what_is_declared_after(
         tmp_path: Path, unstarted: Unstarted, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
