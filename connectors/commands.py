@@ -67,6 +67,12 @@ class Refused(RuntimeError):
     sent, not "not sent", and part of it may have taken effect (e.g. one of the two nodes of an OPC UA write)."""
 
 
+class OutcomeUnknown(RuntimeError):
+    """A command whose request reached the source, or may have, and whose answer never came (a write timed out, the
+    connection was lost meanwhile): recorded failed as "outcome unknown", never "not sent", which would invite a second
+    send that may actuate twice."""
+
+
 class UnknownCommand(KeyError):
     """No such command for this tenant (another tenant's looks the same)."""
 

@@ -50,7 +50,8 @@ class Adapter(Protocol):
     def connected(self) -> bool: ...
 
     def send(self, command: Command) -> None:
-        """Deliver `command` to its asset (raises if it could not be handed to the transport)."""
+        """Deliver `command` to its asset (raises if it could not be handed to the transport: "not sent"; raises
+        `Unconfirmed`, `Refused` or `OutcomeUnknown` (`connectors.commands`) where it may have reached the source)."""
 
 
 class Kind(Protocol):

@@ -23,7 +23,7 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field
 
 from actors.ingest import ShardRouter
-from connectors.commands import Command, CommandLedger, CommandStatus, Refused, Unconfirmed
+from connectors.commands import Command, CommandLedger, CommandStatus, OutcomeUnknown, Refused, Unconfirmed
 from connectors.kinds import kind_of, parse_spec
 from connectors.mapping import DeadLetter
 from connectors.pump import Pump
@@ -336,6 +336,8 @@ class ConnectorRuntime:
             detail = f"unconfirmed: {str(exc)[:300]}"
         except Refused as exc:  # it reached the source, whose answer is final
             failure = f"sent and refused: {str(exc)[:300]}"
+        except OutcomeUnknown as exc:  # it may have reached the source: never "not sent"
+            failure = f"outcome unknown: {str(exc)[:300]}; not re-sent: check the asset"
         except Exception as exc:  # noqa: BLE001 - recorded on the command, which is then final
             failure = f"not sent: {type(exc).__name__}: {str(exc)[:300]}"
         with self._commands:

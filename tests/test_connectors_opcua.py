@@ -334,6 +334,44 @@ def test_a_restarted_connector_records_the_answer_of_a_command_it_sent(twins, co
     wait_for(lambda: (s := connectors.status("acme", "plc")).connected and s.pending == 0, "the connector is back")
 
 
+def test_a_write_the_server_does_not_answer_is_recorded_outcome_unknown_not_unsent(server, device, tmp_path):
+    """A command write that timed out was recorded "not sent", though its request had reached the server, which may
+    have written it (here it did): an operator believing it unsent could send it again and actuate twice. Once a write
+    is requested, a missing answer is "outcome unknown" (a connector runtime in this process, its adapter's session on
+    the test server, the write's answer held back after the server took it)."""
+    from connectors.commands import CommandLedger
+    from connectors.opcua.adapter import OpcUaAdapter
+    from connectors.runtime import ConnectorRuntime
+
+    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="unanswered", request_timeout_s=0.5, nodes=[
+        {"node_id": "ns=2;s=tank-1.h2", "asset_id": "tank-1", "measurement": "h2", "unit": "m"}]))
+    runtime = object.__new__(ConnectorRuntime)
+    runtime.ledger, runtime.tenant, runtime.name, runtime.spec = CommandLedger(str(tmp_path)), "acme", spec.name, spec
+    runtime._commands, runtime._awaiting, runtime._answers, runtime._sending = threading.Lock(), {}, {}, set()
+    runtime.adapter = adapter = OpcUaAdapter(spec, Credentials(username=USER, password=PASSWORD), lambda m: m.ack(),
+                                             runtime._on_ack)
+    adapter.start()
+    try:
+        wait_for(adapter.connected, "the session connected")
+        uaclient = adapter._session._client.uaclient
+        write = uaclient.write_attributes
+
+        async def unanswered(*args, **kwargs):
+            await write(*args, **kwargs)  # the server takes it
+            await asyncio.sleep(3600)  # and its answer never arrives
+
+        uaclient.write_attributes = unanswered
+        command = runtime.ledger.propose("acme", spec.name, "tank-1", "inflow", {"value": 4.2, "unit": "L/s"}, "alice")
+        failed = runtime.approve("acme", command.id, "bob")
+    finally:
+        adapter.stop()
+    assert failed.status is CommandStatus.failed and failed.history[-1].detail == (
+        f"outcome unknown: server {server.endpoint} did not answer the write of ns=2;s=tank-1.q_set (TimeoutError: no "
+        "answer within 1 s): it may have written it; not re-sent: check the asset")
+    assert device.read("tank-1.q_set") == pytest.approx(0.0042)  # it had: "not sent" was untrue
+    assert runtime._awaiting == {}
+
+
 def approved(connectors, name: str, value: dict):
     command = connectors.propose("acme", "plc", "tank-1", name, value, by="alice")
     connectors.approve("acme", command.id, by="bob")

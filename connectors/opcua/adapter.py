@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from connectors.commands import Command
+from connectors.commands import Command, OutcomeUnknown
 from connectors.kinds import AckHandler, AssetTypes, ignore, unmeasured
 from connectors.opcua.config import OpcUaSpec
 from connectors.opcua.session import OpcUaSession
@@ -91,7 +91,8 @@ class OpcUaAdapter:
     def send(self, command: Command) -> None:
         """Write the command's `value` (in its `unit`, default the node's) and correlation id to the declared
         nodes; returns once the server accepted both, handing that over as the answer (the runtime records it once
-        the command is recorded sent: `ConnectorRuntime._sent`)."""
+        the command is recorded sent: `ConnectorRuntime._sent`). `OutcomeUnknown` where a write was requested and not
+        answered within twice `request_timeout_s` (`OpcUaSession.write_command`)."""
         target = self.spec.command(command.asset_id, command.name)
         if problem := target.value_problem(command.value):  # checked at proposal; the declaration may have changed
             raise ValueError(problem)
@@ -99,8 +100,16 @@ class OpcUaAdapter:
         value = raw if isinstance(raw, bool) else units.to_unit(float(raw), unit, target.unit)  # a Boolean's as is
         if self._session is None:
             raise ConnectionError(f"connector {self.spec.name!r} is paused; resume it to send commands")
-        detail = self._call(self._session.write_command(target, command.correlation_id, value),
-                            self.spec.request_timeout_s * 2)
+        within_s = self.spec.request_timeout_s * 2
+        future = asyncio.run_coroutine_threadsafe(
+            self._session.write_command(target, command.correlation_id, value, within_s), self._loop)
+        try:
+            detail = future.result(within_s + self.spec.request_timeout_s)
+        except TimeoutError:
+            if future.done():  # the write's own timeout, before anything was requested: not sent
+                raise
+            future.cancel()  # this loop did not even end the wait: whether a write was requested is unknown
+            raise OutcomeUnknown(f"the connector's OPC UA thread did not end the write within {within_s:g} s") from None
         answer = {"status": "ok", "detail": detail}  # no acknowledgement back to the server (`ignore`)
         self.on_ack(command.correlation_id, answer, None, ignore)
 

@@ -51,7 +51,7 @@ from urllib.parse import urlsplit
 from asyncua import Client, ua
 from asyncua.common.subscription import Subscription
 
-from connectors.commands import Refused
+from connectors.commands import OutcomeUnknown, Refused
 from connectors.kinds import ignore
 from connectors.mapping import DeadLetter
 from connectors.opcua.config import OPC_UA_PORT, CommandNode, MappedNode, OpcUaSpec
@@ -663,12 +663,30 @@ class OpcUaSession:
             self.put(message)
 
     # ------------------------------------------------------------------ commands ----
-    async def write_command(self, target: CommandNode, correlation_id: str, value: float | bool) -> str:
-        """Write `value` (in the target's unit), in the node's own data type, then the correlation id; the
-        server's status for both is the acknowledgement. The id is written only once the value was accepted, so
-        a controller never sees a new command id beside a set point that did not change. Raises `ValueError`
-        (nothing written: the node's type cannot hold the value, or it declares another unit than the target's),
-        `Refused` (a bad status) or a connection error."""
+    async def write_command(self, target: CommandNode, correlation_id: str, value: float | bool,
+                            within_s: float) -> str:
+        """Write `value` (in the target's unit), in the node's own data type, then the correlation id, within
+        `within_s`; the server's status for both is the acknowledgement. The id is written only once the value was
+        accepted, so a controller never sees a new command id beside a set point that did not change. Raises
+        `ValueError` (nothing written: the node's type cannot hold the value, or it declares another unit than the
+        target's), `Refused` (a bad status), `OutcomeUnknown` once a write was requested and its answer did not come
+        (a timeout, the connection lost: the server may have written it; before, "not sent", which invited a second
+        send), or a connection error (nothing requested)."""
+        requested: list[str] = []
+        try:
+            return await asyncio.wait_for(self._write_command(target, correlation_id, value, requested), within_s)
+        except Refused:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever ended the wait, only what was requested decides
+            if not requested:
+                raise
+            raise OutcomeUnknown(f"server {self.spec.endpoint} did not answer the write of {requested[-1]} "
+                                 f"({type(exc).__name__}: {str(exc) or f'no answer within {within_s:g} s'}): it may "
+                                 "have written it") from exc
+
+    async def _write_command(self, target: CommandNode, correlation_id: str, value: float | bool,
+                             requested: list[str]) -> str:
+        """`write_command`'s writes, each node named in `requested` before its request goes out."""
         client = self._client
         if client is None or self.state != "connected":
             raise ConnectionError(f"not connected to {self.spec.endpoint} ({self.state})")
@@ -685,6 +703,7 @@ class OpcUaSession:
         written = []
         for nid, text, v in ((node, target.node_id, variant),
                              (id_node, target.correlation_node_id, ua.Variant(correlation_id, ua.VariantType.String))):
+            requested.append(text)
             code = (await client.uaclient.write_attributes([nid], [ua.DataValue(v, SourceTimestamp=stamp)],
                                                            ua.AttributeIds.Value))[0]
             written.append(f"{text}: {code.name}")
