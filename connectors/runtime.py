@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -172,8 +173,9 @@ class ConnectorRuntime:
         self._awaiting = {c.correlation_id: (c.id, c.asset_id) for c in mine
                           if c.correlation_id in self._deadlines or c.correlation_id in self._late}
         self._answers: dict[str, _Answer] = {}  # by correlation id: received, their ledger write still to land
-        self._answer_error: tuple[str, datetime] | None = None  # an answer's failed write, until one lands
-        self._answer_errors = 0
+        self._unrecorded: dict[str, tuple[Command, str | None, str | None]] = {}  # sends whose outcome to write again
+        self._ledger_error: tuple[str, datetime] | None = None  # an answer's or outcome's failed write, until one lands
+        self._ledger_errors = 0
         self._connected_once = store.had_connected(tenant, name)  # this declaration's source has a session of it
         # an earlier process that had connected ran until then (one that never had left no session to lose)
         predecessor_seen = store.last_alive(tenant, name) if self._connected_once else None
@@ -244,6 +246,7 @@ class ConnectorRuntime:
             if self.desired is Desired.running and not self.adapter.connected():
                 metrics.CONNECTOR_DOWN.inc(now - last, connector=self.pump.name)
             last = now
+            self._record_outcomes()
             self._record_answers()
             self._expire_overdue()
             if now - alive >= ALIVE_EVERY_S:
@@ -297,18 +300,19 @@ class ConnectorRuntime:
             tenant=self.tenant, name=self.name, kind=self.spec.kind, state=self.desired,
             connected=self.adapter.connected(), messages=s.messages, acknowledged=s.acknowledged,
             pending=self.pump.pending(), accepted=s.accepted, duplicates=s.duplicates, rejected=s.rejected,
-            dead_lettered=s.dead_lettered, errors=s.delivery_errors + self.adapter.errors + self._answer_errors,
+            dead_lettered=s.dead_lettered, errors=s.delivery_errors + self.adapter.errors + self._ledger_errors,
             **self._last_error(), lag_s=s.lag_s(), newest_event_time=s.newest_event_time, draining=self._draining)
 
     def _last_error(self) -> dict[str, Any]:
-        """The newest of the source's, the delivery's and the answers' (`_record`) current errors. One read while its
+        """The newest of the source's, the delivery's and the ledger's (answers, `_record`; send outcomes,
+        `_record_outcome`) current errors. One read while its
         thread (the client's, the pump's) had set its message and not yet its time is left out: `status` runs beside
         them and beside the actor's other calls (`STATUS_GROUP`), and such a message, with the other's error, compared
         None with a time (a `TypeError` that failed the status)."""
-        answer_error, answer_error_at = self._answer_error or (None, None)
+        ledger_error, ledger_error_at = self._ledger_error or (None, None)
         current = [(at, message) for message, at in ((self.adapter.last_error, self.adapter.last_error_at),
                                                      (self.pump.stats.last_error, self.pump.stats.last_error_at),
-                                                     (answer_error, answer_error_at))
+                                                     (ledger_error, ledger_error_at))
                    if message is not None and at is not None]
         at, message = max(current, default=(None, None))
         return {"last_error": message, "last_error_at": at}
@@ -341,8 +345,38 @@ class ConnectorRuntime:
         except Exception as exc:  # noqa: BLE001 - recorded on the command, which is then final
             failure = f"not sent: {type(exc).__name__}: {str(exc)[:300]}"
         with self._commands:
-            self._sending.discard(command.correlation_id)
-            return self._sent(command, detail, failure)
+            self._unrecorded[command.correlation_id] = (command, detail, failure)
+            return self._record_outcome(command.correlation_id)
+
+    def _record_outcome(self, correlation_id: str) -> Command:
+        """Write a send's outcome (`_sent`, under `_commands`), kept in `_unrecorded` until the ledger takes it: a
+        failed write (a store outage) left the command *sending* in the ledger and awaited in memory without a
+        deadline, unseen, until a restart failed it as "outcome unknown". Now each failure is a delivery error
+        (`errors`, `last_error`, the `delivery_errors` metric), raised (the approval's own try answers its approver
+        with it), and the outcome is written again every tick (`_record_outcomes`; its answers wait meanwhile, as
+        during the send). A crash before it lands still fails the command as "outcome unknown"."""
+        command, detail, failure = self._unrecorded[correlation_id]
+        try:
+            recorded = self._sent(command, detail, failure)
+        except Exception as exc:
+            log.warning("event=command_outcome_write_failed tenant=%s connector=%s command=%s error=%r", self.tenant,
+                        self.name, command.id, exc)
+            self._ledger_errors += 1
+            metrics.CONNECTOR_MESSAGES.inc(connector=self.pump.name, outcome="delivery_errors")
+            self._ledger_error = (f"command {command.id}'s send outcome ({'sent' if failure is None else 'failed'}) "
+                                  "could not be recorded on it (tried again every second; it reads sending until "
+                                  f"then): {type(exc).__name__}: {str(exc)[:300]}", datetime.now(UTC))
+            raise
+        del self._unrecorded[correlation_id]
+        self._sending.discard(correlation_id)
+        return recorded
+
+    def _record_outcomes(self) -> None:
+        """Write again the send outcomes whose ledger write failed (`_record_outcome`)."""
+        with self._commands:
+            for correlation_id in list(self._unrecorded):
+                with suppress(Exception):  # counted and said by `_record_outcome`; tried again at the next tick
+                    self._record_outcome(correlation_id)
 
     def _sent(self, command: Command, detail: str | None, failure: str | None) -> Command:
         """Record a send's outcome (under `_commands`): failed (`failure`), or sent, awaiting its answer until its
@@ -352,6 +386,7 @@ class ConnectorRuntime:
             recorded = self.ledger.sent(command, self.spec.ack_timeout_s, detail)
         else:
             recorded = self.ledger.failed(command, failure)
+        self._ledger_error = None  # the ledger takes writes again: a failure before is over
         if (answer := self._answers.get(correlation_id)) is not None:
             answer.deadline = recorded.ack_deadline
             self._record(correlation_id)
@@ -403,17 +438,17 @@ class ConnectorRuntime:
         except Exception as exc:  # noqa: BLE001 - a store hiccup: written again at the next tick
             log.warning("event=command_ack_write_failed tenant=%s connector=%s command=%s try=%d error=%r",
                         self.tenant, self.name, answer.command_id, answer.tries, exc)
-            self._answer_errors += 1
+            self._ledger_errors += 1
             metrics.CONNECTOR_MESSAGES.inc(connector=self.pump.name, outcome="delivery_errors")
             why = f"{type(exc).__name__}: {str(exc)[:300]}"
             if answer.tries >= ANSWER_WRITE_TRIES:
                 self._give_up(correlation_id, why)
             else:
-                self._answer_error = (f"asset {answer.asset_id}'s answer to command {answer.command_id} could not be "
+                self._ledger_error = (f"asset {answer.asset_id}'s answer to command {answer.command_id} could not be "
                                       f"recorded on it (try {answer.tries} of {ANSWER_WRITE_TRIES}, one a second): "
                                       f"{why}", datetime.now(UTC))
             return
-        self._answer_error = None  # the ledger takes answers again: a failure before is over
+        self._ledger_error = None  # the ledger takes answers again: a failure before is over
         del self._answers[correlation_id], self._awaiting[correlation_id]
         answer.acknowledge()
 
@@ -428,7 +463,7 @@ class ConnectorRuntime:
                   "this dead letter, and the command settles as unanswered")
         log.error("event=command_ack_given_up tenant=%s connector=%s command=%s error=%r", self.tenant, self.name,
                   answer.command_id, why)
-        self._answer_error = (reason, datetime.now(UTC))
+        self._ledger_error = (reason, datetime.now(UTC))
         if answer.deadline is not None:
             self._deadlines[correlation_id] = answer.deadline
         else:  # a late answer to an expired command, which stays expired

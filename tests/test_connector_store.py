@@ -939,5 +939,5 @@ def test_a_connectors_status_reads_an_error_half_written_by_another_thread_witho
     now = datetime.now(UTC)
     runtime = SimpleNamespace(adapter=SimpleNamespace(last_error="disconnected from broker", last_error_at=None),
                               pump=SimpleNamespace(stats=SimpleNamespace(last_error="delivery failed", last_error_at=now)),
-                              _answer_error=None)  # (no answer of a command failed to be recorded)
+                              _ledger_error=None)  # (no answer of a command failed to be recorded)
     assert ConnectorRuntime._last_error(runtime) == {"last_error": "delivery failed", "last_error_at": now}

@@ -1302,7 +1302,7 @@ def _command_runtime(tmp_path, monkeypatch) -> tuple:
     runtime = object.__new__(ConnectorRuntime)
     runtime.ledger, runtime.tenant, runtime.name, runtime._commands = ledger, "acme", "plant", threading.Lock()
     runtime._awaiting, runtime._late, runtime._answers, runtime._deadlines, runtime._sending = {}, {}, {}, {}, set()
-    runtime._answer_error, runtime._answer_errors = None, 0
+    runtime._ledger_error, runtime._ledger_errors, runtime._unrecorded = None, 0, {}
     runtime.spec = MqttSpec.model_validate(plant_spec(1))
     put: list = []
     runtime.pump = SimpleNamespace(name="acme/plant", put=put.append, stats=PumpStats())
@@ -1456,10 +1456,53 @@ def test_an_answer_its_command_record_never_takes_is_given_up_dead_lettered_and_
     assert pubacks == []  # until the dead letter is written
     letter.ack()
     runtime._record_answers()
-    assert (pubacks, len(put), runtime._answer_errors) == ([1], 1, 3)  # no fourth try
+    assert (pubacks, len(put), runtime._ledger_errors) == ([1], 1, 3)  # no fourth try
     assert counted == [{"connector": "acme/plant", "outcome": "delivery_errors"}] * 3
     runtime._expire_overdue()
     assert ledger.get("acme", sent.id).status is CommandStatus.expired
+
+
+def test_a_sent_command_whose_record_fails_is_said_and_recorded_once_the_store_is_back(tmp_path, monkeypatch):
+    """A send whose `sent` record the store failed left the command *sending* in the ledger and awaited in memory
+    without a deadline: nothing but the approval's error said so, it never expired, and only a restart settled it
+    ("outcome unknown"). Each failed write is a delivery error (`errors`, `last_error`, the metric), the outcome is
+    written again every tick, an answer arriving meanwhile waits for it, and the command then takes it."""
+    from types import SimpleNamespace
+
+    from connectors.commands import CommandLedger
+    from raytwin import metrics
+
+    counted: list = []
+    monkeypatch.setattr(metrics, "CONNECTOR_MESSAGES", SimpleNamespace(inc=lambda n=1, **tags: counted.append(tags)))
+    ledger, runtime, adapter, _, pubacks = _command_runtime(tmp_path, monkeypatch)
+    command = _proposed(ledger)
+    confirmed = SimpleNamespace(mid=7, wait_for_publish=lambda timeout_s: None, is_published=lambda: True)
+    monkeypatch.setattr(adapter.client, "publish", lambda *args, **kwargs: confirmed)
+    adapter._set_connected(True)
+    record, store_down = CommandLedger.sent, True
+
+    def sent(self, *args):
+        if store_down:
+            raise OSError("store unreachable")
+        return record(self, *args)
+
+    monkeypatch.setattr(CommandLedger, "sent", sent)
+    with pytest.raises(OSError, match="store unreachable"):  # the approver is told
+        runtime.approve("acme", command.id, "key-bob")
+    said = (f"command {command.id}'s send outcome (sent) could not be recorded on it (tried again every second; it "
+            "reads sending until then): OSError: store unreachable")
+    assert (runtime._last_error()["last_error"], runtime._ledger_errors) == (said, 1)
+    _answer_message(adapter, 1, command.correlation_id)  # the asset answers: it waits for the outcome
+    runtime._record_outcomes()  # the next tick, the store still down
+    runtime._record_answers()
+    assert (ledger.get("acme", command.id).status, pubacks, runtime._ledger_errors) == (CommandStatus.sending, [], 2)
+    store_down = False
+    runtime._record_outcomes()
+    done = ledger.get("acme", command.id)
+    assert [s.status for s in done.history] == ["proposed", "approved", "sending", "sent", "acknowledged"]
+    assert (pubacks, runtime._last_error()["last_error"], runtime._unrecorded, runtime._sending) == ([1], None, {},
+                                                                                                      set())
+    assert counted == [{"connector": "acme/plant", "outcome": "delivery_errors"}] * 2
 
 
 def test_a_command_the_broker_confirms_late_is_sent_unconfirmed_and_its_ack_still_counts(twins, connectors, tmp_path):

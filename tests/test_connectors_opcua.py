@@ -348,6 +348,7 @@ def test_a_write_the_server_does_not_answer_is_recorded_outcome_unknown_not_unse
     runtime = object.__new__(ConnectorRuntime)
     runtime.ledger, runtime.tenant, runtime.name, runtime.spec = CommandLedger(str(tmp_path)), "acme", spec.name, spec
     runtime._commands, runtime._awaiting, runtime._answers, runtime._sending = threading.Lock(), {}, {}, set()
+    runtime._unrecorded = {}
     runtime.adapter = adapter = OpcUaAdapter(spec, Credentials(username=USER, password=PASSWORD), lambda m: m.ack(),
                                              runtime._on_ack)
     adapter.start()
