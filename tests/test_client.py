@@ -1085,9 +1085,13 @@ def test_connector_and_command_calls_keep_secrets_tenants_and_four_eyes(sdk):
     assert [c.id for c in reader.commands(limit=1, cursor=one.next_cursor).commands] == [max(proposed.id, second.id)]
     with pytest.raises(NotFound):
         other.command(proposed.id)
+    left = writer.propose_command("rooms", "sdk-room", "setpoint", {"T_set": 296.0})
     admin.delete_connector("rooms")
     with pytest.raises(NotFound):
         admin.connector("rooms")
+    settled = reader.command(left.id)  # the delete settles its open commands, by the system
+    assert (settled.status, settled.history[-1].by) == ("refused", "system")
+    assert reader.command(proposed.id).status == {"sent": "expired", "failed": "failed"}[decided.status]
 
 
 def test_scenario_runs_match_the_closed_form_inline_and_as_a_job_with_its_files(sdk, tmp_path):
