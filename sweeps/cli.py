@@ -381,10 +381,14 @@ rerun_app.command()(rerun)
 
 @runs_app.command("list")
 def runs_list(runs: RunsOption = "./runs") -> None:
-    """Recorded runs, oldest first."""
+    """Recorded runs, oldest first; none says where it looked, as a mistyped `--runs` would otherwise print nothing."""
     from sweeps.runs import RunStore
 
-    for r in RunStore(runs).list():
+    store = RunStore(runs)
+    records = store.list()
+    if not records:
+        typer.echo(f"no runs under {store.root} (give --runs the runs root they were written to)", err=True)
+    for r in records:
         typer.echo(f"{r.run_id}\t{r.kind}\t{r.status}\t{r.model_ref}\t{r.tenant}\t{r.user}\t{r.started.isoformat()}")
 
 

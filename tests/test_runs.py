@@ -461,3 +461,10 @@ def test_a_sweep_of_a_model_missing_from_its_registry_names_the_registry(tmp_pat
     refused = CliRunner().invoke(sweep_app, ["run", str(tmp_path / "spec.json"), "--runs", str(tmp_path / "runs")])
     compact = "".join(refused.output.replace("│", "").split())
     assert refused.exit_code == 2 and f"(registry{tmp_path / 'registry'})" in compact, refused.output
+
+
+def test_runs_list_of_a_root_without_runs_says_where_it_looked(tmp_path):
+    # a mistyped --runs printed nothing at all, as if no run had ever been recorded
+    listing = CliRunner().invoke(runs_app, ["list", "--runs", str(tmp_path / "typo")])
+    assert listing.exit_code == 0
+    assert f"no runs under {tmp_path / 'typo'}" in listing.output and "--runs" in listing.output
