@@ -159,6 +159,26 @@ def test_blocks_are_found_in_every_guide() -> None:
     assert {block.guide for block in all_blocks()} == set(GUIDES)
 
 
+def test_printed_sweeps_fit_the_size_limit_of_sweep_run() -> None:
+    """A guide's sweep is scaled down to run here (`--n 1000000 => --n 512`), which hid that `raytwin sweep run`
+    refused the printed 1e6-scenario week (1.008e10 scenario-steps) by its default `--max-work`."""
+    from raytwin.contracts import MAX_RUN_WORK
+    from raytwin.models_cli import resolve_model
+    from sweeps.kits import example_sweep, kit_for
+
+    checked = 0
+    for block in (block for block in all_blocks() if block.lang in SHELL):
+        words = [shlex.split(command, comments=True) for command in shell_commands(block.text)]
+        examples = [w for w in words if w[:3] == ["raytwin", "sweep", "example"] and "--n" in w]
+        for example, run in zip(examples, (w for w in words if w[:3] == ["raytwin", "sweep", "run"])):
+            sweep = example_sweep(kit_for(resolve_model(example[3])))
+            work = int(example[example.index("--n") + 1]) * round(sweep.horizon_s / sweep.step_s)
+            limit = int(run[run.index("--max-work") + 1]) if "--max-work" in run else MAX_RUN_WORK
+            assert work <= limit, f"{block.id}: {work:.3g} scenario-steps, over --max-work {limit:.3g}"
+            checked += 1
+    assert checked >= 2  # sweeps/README.md's CLI block and cluster/README.md's job
+
+
 def test_extractor_applies_directives_and_joins_commands(tmp_path: Path) -> None:
     (tmp_path / "guide.md").write_text(textwrap.dedent("""\
         Some prose.
