@@ -821,11 +821,14 @@ def _calibrate(spec: CalibrationSpec, out_url: str,
     log.info("calibration tune_done best_loss=%.6g trials=%d stopped_early=%d", best_loss, trials, stopped)
     theta = np.log([best[n] for n in problem.free_names])
     evaluations = 0
-    if spec.refine:
+    if spec.refine:  # the stages after Tune's log nothing of their own: a minute's silence read as a hang
+        log.info("calibration refine start (least squares)")
         theta, evaluations = refine(problem, theta)
+        log.info("calibration refine done evaluations=%d", evaluations)
     q_scale = None
     try:
         if spec.uncertainty == "prediction_error":
+            log.info("calibration prediction_error start")
             theta, q_scale, rel_std, corr = prediction_error(problem, theta)
             log.info("calibration prediction_error process_noise_scale=%.3g", q_scale)
         else:

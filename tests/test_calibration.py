@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from datetime import UTC, datetime, timedelta
 
 import jax.numpy as jnp
@@ -258,12 +259,18 @@ def test_parameters_the_data_cannot_tell_apart_are_refused_not_reported_with_zer
         assert "Usage" not in result.output
 
 
-def test_the_result_records_each_outputs_sigma_and_which_were_assumed(ray_session, tmp_path):
+def test_the_result_records_each_outputs_sigma_and_which_were_assumed(ray_session, tmp_path, caplog):
     undeclared = f"{__name__}:TANK_WITHOUT_SENSOR_NOISE"
     path = _telemetry(tmp_path, "two_tank")
     spec = _spec("two_tank", path, model=undeclared, free=["a1"], noise_std={"h2": 0.003}, num_samples=2,
                  parameters={n: v for n, v in CASES["two_tank"]["true"].items() if n != "a1"})
+    caplog.set_level(logging.INFO, logger="raytwin.calibration")
     result, _, _ = calibrate(spec, str(tmp_path / "out"))
+    # each stage after Tune says it started: a minute of refinement and prediction-error fit logged nothing
+    stages = [f"calibration {stage}" for stage in ("tune_done", "refine start", "refine done",
+                                                    "prediction_error start", "prediction_error process_noise")]
+    said = [r.getMessage() for r in caplog.records if r.name == "raytwin.calibration"]
+    assert [stage for message in said for stage in stages if message.startswith(stage)] == stages
     assert result.noise_std == {"h1": 1.0, "h2": 0.003} and result.noise_std_assumed == ["h1"]
     written = json.loads((tmp_path / "out" / "calibration.json").read_text())
     assert written["noise_std_assumed"] == ["h1"]
