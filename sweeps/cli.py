@@ -334,6 +334,8 @@ def calibrate_synthetic(
         raise typer.BadParameter(f"cannot write {out}: {exc}", param_hint="--out") from None
     typer.echo(f"wrote {table.num_rows} samples of {model} to {out}")
     typer.echo(f"start_state: {json.dumps(start)}")  # what a CalibrationSpec of this data needs (YAML or JSON)
+    truth_used = dict(zip(sim.param_names, map(float, sim.param_vector(truth))))
+    typer.echo(f"parameters: {json.dumps(truth_used)}")  # the ground truth a fit is checked against, defaults included
     typer.echo(_excited(sim, table, generic=not kit.excitation))
 
 

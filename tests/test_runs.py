@@ -84,6 +84,8 @@ def test_calibration_run_records_the_data_hash_and_reruns_identically(ray_sessio
                                          "--param", "a1=5.6e-5", "--param", "a2=4.5e-5",
                                          "--noise", "h1=0.001", "--noise", "h2=0.001"])
     assert made.exit_code == 0, made.output
+    # the truth a fit is checked against, the parameters not given at their defaults (printed nowhere before)
+    assert '"a1": 5.6e-05, "a2": 4.5e-05' in made.output and '"cd": 0.6' in made.output
     spec_file = tmp_path / "calib.yaml"
     spec_file.write_text(yaml.safe_dump({
         "model": "two_tank", "telemetry": str(path), "start_state": {"h1": 0.3, "h2": 0.3}, "free": ["a1", "a2"],
