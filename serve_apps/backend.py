@@ -85,6 +85,10 @@ FENCE_WATCH_S = 5.0
 CONNECTOR_CHANGES_S = 1.0
 """How often the backend records the twin changes its tenants' connectors made: their readings reach the shards
 without an ingest call of this backend, which records telemetry's (`Backend._record_connector_changes`)."""
+CONNECTOR_TENANTS_S = 10.0
+"""How often the backend asks Ray's GCS which tenants have a connector actor (`connector_tenants`, a listing of every
+named actor): the pass every `CONNECTOR_CHANGES_S` reads the shards of the tenants last found, and a service with no
+connector asks its shards nothing."""
 SHADOW_CONCLUDE_S = 2.0
 """How often the backend looks for finished shadow evaluations to record: a question to each shard."""
 TEMP_SWEEP_S = 6 * 3600.0
@@ -654,24 +658,32 @@ class Backend:
 
     def _follow_changes(self, tenants: list[str]) -> None:
         """`_catch_up_changes` at the start, then `_record_connector_changes` every `CONNECTOR_CHANGES_S` until
-        `close`: one thread, so that the two never record one tenant's twins at once."""
+        `close`: one thread, so that the two never record one tenant's twins at once. Which tenants have a connector
+        is asked of Ray's GCS every `CONNECTOR_TENANTS_S` only, not at every pass of every backend."""
         self._catch_up_changes(tenants)
+        connected: set[str] = set()
+        asked_at = -math.inf
         while not self._watch_stop.wait(CONNECTOR_CHANGES_S):
-            self._record_connector_changes()
+            if time.monotonic() - asked_at >= CONNECTOR_TENANTS_S:
+                connected, asked_at = self._connector_tenants(connected), time.monotonic()
+            self._record_connector_changes(connected)
 
-    def _record_connector_changes(self) -> None:
-        """Record the states and drift flags that the tenants' connectors moved, as telemetry's are: a connector's
+    def _connector_tenants(self, last: set[str]) -> set[str]:
+        """The tenants with a connector actor now (`connector_tenants`); `last`, the ones found before, while Ray's
+        GCS does not answer (asked again `CONNECTOR_TENANTS_S` later)."""
+        try:
+            return connector_tenants(self.twins.router.namespace)
+        except Exception as exc:  # noqa: BLE001 - Ray's GCS not answering: the tenants found before are kept
+            log.info("event=connector_tenants_unread error=%s: %s", type(exc).__name__, exc)
+            return last
+
+    def _record_connector_changes(self, tenants: set[str]) -> None:
+        """Record the states and drift flags that the connectors of `tenants` moved, as telemetry's are: a connector's
         readings go to the shards directly (`connectors.sink.TwinSink`), so before, a twin fed by a device showed no
         `twin.state` or `twin.drift` on the change stream, nor started the drift trigger, until the backend's next
-        start. For each tenant with a connector actor, the shards answer every twin's (revision, drift flag)
-        (`TwinService.marks`) and `_catch_up` reads the states of those that moved past their marks only. A tenant
-        that fails (a shard restarting, the store failing) is tried again at the next pass; none once another
-        service holds the store."""
-        try:
-            tenants = connector_tenants(self.twins.router.namespace)
-        except Exception as exc:  # noqa: BLE001 - Ray's GCS not answering: the next pass asks again
-            log.info("event=connector_changes_deferred error=%s: %s", type(exc).__name__, exc)
-            return
+        start. For each tenant, the shards answer every twin's (revision, drift flag) (`TwinService.marks`) and
+        `_catch_up` reads the states of those that moved past their marks only. A tenant that fails (a shard
+        restarting, the store failing) is tried again at the next pass; none once another service holds the store."""
         for tenant in sorted(tenants):
             try:
                 self.check_writable()

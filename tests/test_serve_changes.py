@@ -1202,8 +1202,7 @@ def test_a_change_kept_by_a_backend_that_crashed_is_recorded_once_by_the_next_ba
                                                 ("twin.drift", 20, True), ("twin.state", 25, True)]
 
 
-def test_a_connectors_readings_are_recorded_by_the_backends_pass_once_and_not_while_it_is_fenced(tmp_path,
-                                                                                                  monkeypatch):
+def test_a_connectors_readings_are_recorded_by_the_backends_pass_once_and_not_while_it_is_fenced(tmp_path):
     """A connector's readings reach the shards without the backend's ingest call, which records telemetry's changes:
     a twin fed by a device showed no twin.state nor twin.drift on the change stream until the backend's next start.
     The backend's pass over the tenants with a connector records them once, reading the states of moved twins only;
@@ -1214,8 +1213,6 @@ def test_a_connectors_readings_are_recorded_by_the_backends_pass_once_and_not_wh
     from raytwin.statestore import StoreFenced
 
     shard = _Shard()
-    shard.router = SimpleNamespace(namespace="raytwin")
-    monkeypatch.setattr("serve_apps.backend.connector_tenants", lambda namespace: {"acme"})
     backend = _backend_over(shard, ChangeLog(str(tmp_path)))
     backend.apply("acme", _batch(10))  # through the API: recorded with its call
     assert not backend._applying
@@ -1228,18 +1225,61 @@ def test_a_connectors_readings_are_recorded_by_the_backends_pass_once_and_not_wh
         raise StoreFenced("another service holds the store")
 
     backend.check_writable = fenced
-    backend._record_connector_changes()
+    backend._record_connector_changes({"acme"})
     assert _twin_changes(backend.changes) == [("twin.state", 10, False)] and read == []
     backend.check_writable = lambda: None
     backend._applying[("acme", "zone-3")] += 1  # an API batch of the twin in flight
-    backend._record_connector_changes()
+    backend._record_connector_changes({"acme"})
     assert _twin_changes(backend.changes) == [("twin.state", 10, False)] and read == [["zone-3"]]
     backend._applying.clear()
-    backend._record_connector_changes()
-    backend._record_connector_changes()  # nothing moved since: nothing recorded, no state read
+    backend._record_connector_changes({"acme"})
+    backend._record_connector_changes({"acme"})  # nothing moved since: nothing recorded, no state read
     assert _twin_changes(backend.changes) == [("twin.state", 10, False), ("twin.state", 15, True),
                                               ("twin.drift", 15, True)]
     assert read == [["zone-3"]] * 2
+
+
+def test_the_backends_connector_pass_asks_rays_gcs_for_the_tenants_every_ten_seconds_not_every_second(tmp_path,
+                                                                                                        monkeypatch):
+    """The pass runs every second on every backend: it listed every named actor of the cluster (a GCS call) at each
+    one, connectors or not. It asks once per `CONNECTOR_TENANTS_S`, keeps the tenants found while the GCS does not
+    answer, and asks no shard while no tenant has a connector."""
+    from types import SimpleNamespace
+
+    shard = _Shard()
+    shard.router = SimpleNamespace(namespace="raytwin")
+    backend = _backend_over(shard, ChangeLog(str(tmp_path)))
+    backend._catch_up_changes, backend.check_writable = lambda tenants: None, lambda: None
+    asked, marked, found = [], [], [set(), {"acme"}, RuntimeError("GCS down"), {"acme"}]
+
+    def listing(namespace: str) -> set[str]:
+        asked.append(namespace)
+        answer = found[min(len(asked), len(found)) - 1]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    class Passes(threading.Event):  # 25 passes, none waiting, then closed
+        def __init__(self) -> None:
+            super().__init__()
+            self.left = 25
+
+        def wait(self, timeout: float | None = None) -> bool:
+            self.left -= 1
+            if self.left < 0:
+                self.set()
+            return self.is_set()
+
+    marks = shard.marks
+    shard.marks = lambda tenant, timeout_s=None: marked.append(tenant) or marks(tenant, timeout_s)
+    monkeypatch.setattr("serve_apps.backend.connector_tenants", listing)
+    backend._watch_stop = Passes()
+    backend._follow_changes([])
+    assert asked == ["raytwin"] and marked == []  # 25 passes well within 10 s: one question, no tenant, no shard
+    monkeypatch.setattr("serve_apps.backend.CONNECTOR_TENANTS_S", 0.0)
+    backend._watch_stop = Passes()
+    backend._follow_changes([])
+    assert len(asked) == 1 + 25 and marked == ["acme"] * 25  # the GCS failing once: the tenants found before kept
 
 
 def test_a_twin_batch_applied_before_a_takeover_is_recorded_by_the_successors_catch_up_not_the_fenced_backend(
