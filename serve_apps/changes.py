@@ -409,12 +409,14 @@ class ChangeLog:
         landed first, a change made just before the takeover, and this log, which holds the store, writes after it
         (refusing each write, it wrote nothing more for the tenant). Raises where this log is the fenced one (a read of
         the lease made now) or has no fence (then no other log may write its store). Revisions stay: a catalog
-        change's is that of the file already written."""
+        change's is that of the file already written. Numbered past the refused name even where the store's listing
+        does not show it yet (an object store's cached listing): numbered after that listing alone, the same name was
+        refused again, for good, the log's lock held."""
         if self.fence is None:
             raise StoreFenced(f"changes of tenant {tenant} were written by another log on this store: give each "
                               "service its own store") from None
         self.fence(fresh=True)
-        first = self.store.last_seq(tenant) + 1
+        first = max(self.store.last_seq(tenant), kept[0][0].seq) + 1
         changes = [change for segment in kept for change in segment]
         kept[:] = [[change.model_copy(update={"seq": first + i}) for i, change in enumerate(changes)]]
         log.warning("event=change_renumbered tenant=%s first=%d count=%d: a fenced service's change took their "

@@ -1965,6 +1965,28 @@ def test_a_job_cancelled_within_a_second_of_a_takeover_saves_no_record_over_its_
     asyncio.run(scenario())
 
 
+def test_a_fenced_segment_its_successors_listing_does_not_show_yet_is_numbered_past_not_refused_for_good(tmp_path):
+    """The successor renumbered its refused changes after the store's newest as listed: a listing that did not show
+    the fenced segment yet (an object store's cached listing) gave them the refused name again, refused again, in a
+    loop that held the log's lock for good. They are numbered past the refused name whatever the listing says."""
+    reads = []
+
+    def holder(fresh: bool = False) -> None:
+        reads.append(fresh)
+        if len(reads) > 20:  # (without the fix: the same name refused on and on; ended here)
+            raise AssertionError("the log renumbered its changes to the refused name again and again")
+
+    fenced = ChangeLog(str(tmp_path), fence=lambda fresh=False: None)
+    fenced.record("acme", drafts(1))  # change 1
+    successor = ChangeLog(str(tmp_path), fence=holder)
+    assert successor.head("acme") == 1
+    successor.store.last_seq = lambda tenant: 1  # its listing, cached before the fenced segment landed
+    fenced.record("acme", drafts(1, asset="f"))  # in the window: change 2 lands first
+    assert [c.seq for c in successor.record("acme", drafts(1, asset="s"))] == [3]
+    assert [(c.seq, c.asset_id) for c in successor.store.read("acme", 0, 10)] == [(1, "a"), (2, "f"), (3, "s")]
+    assert reads.count(True) == 1 and successor.unwritten() == 0
+
+
 def test_a_job_cancelled_in_the_takeover_window_is_refused_over_the_successors_end(tmp_path):
     """A cancel reads the lease afresh and then writes: a takeover between the two let the queued job's `cancelled`
     record replace the one in which the successor's start failed it. The successor claimed the job's end first: the
