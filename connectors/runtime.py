@@ -176,6 +176,7 @@ class ConnectorRuntime:
         self._unrecorded: dict[str, tuple[Command, str | None, str | None]] = {}  # sends whose outcome to write again
         self._ledger_error: tuple[str, datetime] | None = None  # an answer's or outcome's failed write, until one lands
         self._ledger_errors = 0
+        self._given_up: list[Inbound] = []  # answers given up (`_give_up`), put in the pump outside `_commands`
         self._connected_once = store.had_connected(tenant, name)  # this declaration's source has a session of it
         # an earlier process that had connected ran until then (one that never had left no session to lose)
         predecessor_seen = store.last_alive(tenant, name) if self._connected_once else None
@@ -421,10 +422,16 @@ class ConnectorRuntime:
                 self._record(correlation_id)
 
     def _record_answers(self) -> None:
-        """Write again the answers whose ledger write failed (`_on_ack`); not those of commands being sent (`_sent`)."""
+        """Write again the answers whose ledger write failed (`_on_ack`); not those of commands being sent (`_sent`).
+        The dead letters of those given up (`_give_up`) go to the pump after the command lock is released: its `put`
+        blocks while the pump is full (backpressure, as in the very store outage that failed the writes), and held
+        meanwhile, the lock stopped the client's network thread at the next answer (`_on_ack`) and every approval."""
         with self._commands:
             for correlation_id in [c for c in self._answers if c not in self._sending]:
                 self._record(correlation_id)
+            given_up, self._given_up = self._given_up, []
+        for letter in given_up:
+            self.pump.put(letter)
 
     def _record(self, correlation_id: str) -> None:
         """Write an answer to the ledger (under `_commands`); once it landed, forget its command and acknowledge the
@@ -453,10 +460,11 @@ class ConnectorRuntime:
         answer.acknowledge()
 
     def _give_up(self, correlation_id: str, why: str) -> None:
-        """Stop writing an answer its command's record does not take: dead-letter it (the pump acknowledges its copies
-        at the source once the dead letter is written), say so in `last_error`, and put its command's deadline back,
-        so that the command settles as unanswered (expired) rather than staying sent (connectors/README.md says what
-        the operator does)."""
+        """Stop writing an answer its command's record does not take: dead-letter it (put in the pump by
+        `_record_answers`, at the latest the next tick's, outside the command lock; the pump acknowledges its copies at
+        the source once the dead letter is written), say so in `last_error`, and put its command's deadline back, so
+        that the command settles as unanswered (expired) rather than staying sent (connectors/README.md says what the
+        operator does)."""
         answer = self._answers.pop(correlation_id)
         reason = (f"asset {answer.asset_id}'s answer to command {answer.command_id} (correlation id {correlation_id}) "
                   f"could not be recorded on the command after {answer.tries} tries: {why}; given up: the answer is "
@@ -470,8 +478,8 @@ class ConnectorRuntime:
             del self._awaiting[correlation_id]
         source = f"{self.spec.kind}://{self.name}/commands/{answer.command_id}"
         raw = json.dumps(answer.ack, default=str).encode()
-        self.pump.put(Inbound(source, [], [DeadLetter.of(source, answer.asset_id, None, reason, raw)],
-                              answer.acknowledge))
+        self._given_up.append(Inbound(source, [], [DeadLetter.of(source, answer.asset_id, None, reason, raw)],
+                                      answer.acknowledge))
 
     def stop(self) -> None:
         self._stopped.set()

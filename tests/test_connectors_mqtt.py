@@ -1302,7 +1302,7 @@ def _command_runtime(tmp_path, monkeypatch) -> tuple:
     runtime = object.__new__(ConnectorRuntime)
     runtime.ledger, runtime.tenant, runtime.name, runtime._commands = ledger, "acme", "plant", threading.Lock()
     runtime._awaiting, runtime._late, runtime._answers, runtime._deadlines, runtime._sending = {}, {}, {}, {}, set()
-    runtime._ledger_error, runtime._ledger_errors, runtime._unrecorded = None, 0, {}
+    runtime._ledger_error, runtime._ledger_errors, runtime._unrecorded, runtime._given_up = None, 0, {}, []
     runtime.spec = MqttSpec.model_validate(plant_spec(1))
     put: list = []
     runtime.pump = SimpleNamespace(name="acme/plant", put=put.append, stats=PumpStats())
@@ -1503,6 +1503,44 @@ def test_a_sent_command_whose_record_fails_is_said_and_recorded_once_the_store_i
     assert (pubacks, runtime._last_error()["last_error"], runtime._unrecorded, runtime._sending) == ([1], None, {},
                                                                                                       set())
     assert counted == [{"connector": "acme/plant", "outcome": "delivery_errors"}] * 2
+
+
+def test_an_answer_given_up_while_the_pump_is_full_waits_for_room_outside_the_command_lock(tmp_path, monkeypatch):
+    """The dead letter of an answer given up was put in the pump under the command lock, and a full pump blocks its
+    `put` (backpressure: likely in the very store outage that failed the answer's writes): the tick thread then held
+    the lock, and the next answer (`_on_ack`, the client's network thread) and every approval waited on it. The put
+    waits for room with the lock free."""
+    from types import SimpleNamespace
+
+    from connectors import runtime as runtime_module
+    from connectors.commands import CommandLedger
+    from raytwin import metrics
+
+    monkeypatch.setattr(runtime_module, "ANSWER_WRITE_TRIES", 2)
+    monkeypatch.setattr(metrics, "CONNECTOR_MESSAGES", SimpleNamespace(inc=lambda n=1, **tags: None))
+    ledger, sent, runtime, adapter, put, pubacks, deliver = _answered_runtime(tmp_path, monkeypatch, ack_timeout_s=0.0)
+    monkeypatch.setattr(CommandLedger, "acknowledged", lambda self, *args: (_ for _ in ()).throw(
+        PermissionError("the store refuses this record")))
+    putting, room = threading.Event(), threading.Event()
+
+    def full(letter) -> None:  # the pump's queue full until `room`
+        putting.set()
+        room.wait(10.0)
+        put.append(letter)
+
+    runtime.pump.put = full
+    deliver(1)  # written once, refused: kept
+    tick = threading.Thread(target=runtime._record_answers)  # the tick's try, refused again: given up
+    tick.start()
+    assert putting.wait(10.0)
+    free = runtime._commands.acquire(timeout=2.0)  # (without the fix: held by the blocked put)
+    if free:
+        runtime._commands.release()
+    room.set()
+    tick.join(10.0)
+    assert free and not tick.is_alive()
+    [letter] = put
+    assert letter.dead[0].source == f"mqtt://plant/commands/{sent.id}" and pubacks == []
 
 
 def test_a_command_the_broker_confirms_late_is_sent_unconfirmed_and_its_ack_still_counts(twins, connectors, tmp_path):
