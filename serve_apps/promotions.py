@@ -4,9 +4,9 @@ A promotion (or rollback) is recorded on the model's lifecycle log first, then t
 the model are swapped to the new production version (`serve_apps.routes_shadow.swap_on_promotion`).
 A backend killed between the two left the log saying one version is in production while the twins ran
 another, for good: the transition cannot be sent again (409). At start, every twin still running
-another version of a model with a production version is swapped to it, for events from then on,
-and the swap is audited as the system's, its intent first: a store that cannot take it leaves the swap to
-the next start.
+another version of a model with a production version is swapped to it, for events from then on (or from just
+after a twin's last boundary, where another host's clock set that later), and the swap is audited as the system's,
+its intent first: a store that cannot take it leaves the swap to the next start.
 
 The ingress serves promotions while the backend starts, so a new promotion can land beside this. Each twin is
 swapped only while it still runs what was read (`actors.live_models.LiveModels.swap`'s `marks`: one the new
@@ -69,8 +69,9 @@ def finish_interrupted_swaps(lifecycle: ModelLifecycle, models: LiveModels, tena
 def _swap(lifecycle: ModelLifecycle, models: LiveModels, tenant: str, audit: AuditLog, ref: str,
           behind: dict[str, SwapMark]) -> SwapOutcome | None:
     """Swap the twins `behind` (their marks as read) to `ref`, audited as the system's; None: the store took no
-    intent (nothing swapped: the next start tries)."""
-    at = datetime.now(UTC)
+    intent (nothing swapped: the next start tries). The boundary is now, or just after a twin's last where another
+    host's clock set that later: at our own clock alone, that twin refused and waited for the next start."""
+    at = _boundary_after(behind, datetime.now(UTC))
     try:
         with audited(audit, by_system(tenant, "model.swap", ref, {"at": at.isoformat(), "reason": (
                 "the promotion's swap was interrupted; finished at start")})) as step:

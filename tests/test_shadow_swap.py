@@ -275,6 +275,36 @@ def test_the_starts_finishing_of_an_interrupted_swap_leaves_the_twins_on_a_promo
         assert done == {}
 
 
+def test_the_starts_finishing_of_an_interrupted_swap_goes_after_a_boundary_a_clock_ahead_set(tmp_path, monkeypatch):
+    """1.1.0's swap landed at a boundary a day ahead of this host's clock (another replica's host), then 1.2.0 was
+    promoted and the backend died before its swap. The start's swap at its own clock came before the twin's last
+    boundary: refused, the twin ran 1.1.0 under 1.2.0's production until a later start. Now it goes a microsecond
+    after that boundary."""
+    from actors.live_models import LiveModels
+    from raytwin.statestore import to_micros
+    from serve_apps.audit import AuditLog
+    from serve_apps.promotions import finish_interrupted_swaps
+
+    registry = ModelRegistry(str(tmp_path / "models"))
+    old, ahead, interrupted = (registry.register("zone", v, AssetType.from_model(THERMAL_RC)) for v in
+                               ("1.0.0", "1.1.0", "1.2.0"))
+    lc, author = ModelLifecycle(registry), Actor(id="alice", tenant="acme")
+    approver = Actor(id="bob", tenant="acme", roles=frozenset({"approver"}))
+    live = shard(tmp_path / "shard")
+    live.register("acme", "z1", registration_record(asset("z1"), old, None, None))
+    monkeypatch.setattr("ray.get", direct_get)
+    models, later = LiveModels([Direct(live)]), datetime.now(UTC) + timedelta(days=1)
+    for art in (ahead, interrupted):
+        for to in ("candidate", "staging", "production"):
+            lc.transition(art.ref, to, approver if to == "production" else author, "checked")
+    models.swap("acme", ahead, later)  # (and 1.2.0's swap never ran)
+
+    done = finish_interrupted_swaps(lc, models, "acme", AuditLog(str(tmp_path / "store")))
+    assert done[interrupted.ref].refused == {}
+    assert live.twins_of_model("acme", "zone", running=interrupted.ref) == ["z1"]
+    assert live.swap_marks("acme", "zone")["z1"] == (interrupted.ref, to_micros(later) + 1)
+
+
 @pytest.mark.parametrize("order", ["the later record's swap first", "the earlier record's boundary later",
                                    "the earlier record's swap between the later's read and swap"])
 def test_two_promotions_swapping_in_the_other_order_than_their_records_leave_the_twins_on_production(
