@@ -69,7 +69,9 @@ class TwinSwaps(BaseModel):
     swapped: list[str] = Field(description="Twins that run the new production version for events from now on")
     refused: dict[str, str] = Field(description=(
         "Asset id -> why its twin keeps the version it runs (e.g. another state layout): it stays on that "
-        "version, archived now, which retention keeps while it runs it; the reason says what to do"))
+        "version, archived now, which retention keeps while it runs it; the reason says what to do. Another "
+        "version promoted (or rolled back to) meanwhile refuses this swap too: the reason names the version in "
+        "production now, whose own swap moves the twin (or says the service's next start does)"))
 
 
 class TransitionAnswer(TransitionRecord):
