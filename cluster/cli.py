@@ -206,11 +206,13 @@ def up_command(
 
 @cluster_app.command("down")
 def down_command(local: LocalOpt = False, state_file: StateFileOpt = DEFAULT_STATE_FILE) -> None:
-    """Stop the local cluster started by `up --local`."""
+    """Stop the local cluster started by `up --local`. None recorded is said and exits 0: a script stopping whatever
+    is up must not fail on nothing to stop (a state it cannot read still does)."""
     if not local:
         _fail("`down` stops local clusters only (pass --local); on Kubernetes use `raytwin cluster delete`")
     if not state_file.exists():
-        _fail(f"no local cluster recorded in {state_file}")
+        typer.echo(f"no local cluster recorded in {state_file}: nothing to stop", err=True)
+        return
     try:
         info = LocalClusterInfo.load(state_file)
     except LocalClusterError as exc:

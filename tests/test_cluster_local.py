@@ -272,6 +272,18 @@ def test_up_and_down_need_local() -> None:
         assert result.exit_code == 1 and "--local" in result.output
 
 
+def test_down_with_nothing_recorded_says_so_and_succeeds_and_an_unreadable_state_fails(tmp_path: Path) -> None:
+    """Scripts stop whatever is up: nothing to stop is no failure (it exited 1), a state it cannot read is."""
+    state = tmp_path / "local-cluster.json"
+    nothing = CliRunner().invoke(cluster_app, ["down", "--local", "--state-file", str(state)])
+    assert (nothing.exit_code, nothing.stdout) == (0, "")
+    assert nothing.stderr == f"no local cluster recorded in {state}: nothing to stop\n"
+    state.write_text("{")
+    unreadable = CliRunner().invoke(cluster_app, ["down", "--local", "--state-file", str(state)])
+    assert unreadable.exit_code == 1 and f"no usable local-cluster state in {state}" in unreadable.stderr
+    assert state.exists()
+
+
 def test_job_submit_refuses_an_invalid_raytwin_entrypoint_before_contacting_a_cluster(tmp_path: Path) -> None:
     result = CliRunner().invoke(job_app, ["submit", "--address", "http://127.0.0.1:9", "--state-file",
                                           str(tmp_path / "none.json"), "--", "raytwin", "sweep", "--scenarios", "10"])
