@@ -207,7 +207,7 @@ def up_command(
 @cluster_app.command("down")
 def down_command(local: LocalOpt = False, state_file: StateFileOpt = DEFAULT_STATE_FILE) -> None:
     """Stop the local cluster started by `up --local`. None recorded is said and exits 0: a script stopping whatever
-    is up must not fail on nothing to stop (a state it cannot read still does)."""
+    is up must not fail on nothing to stop (a state it cannot read, or a process outliving the stop, still does)."""
     if not local:
         _fail("`down` stops local clusters only (pass --local); on Kubernetes use `raytwin cluster delete`")
     if not state_file.exists():
@@ -222,6 +222,8 @@ def down_command(local: LocalOpt = False, state_file: StateFileOpt = DEFAULT_STA
     try:
         stop_local_cluster(info)
         state_file.unlink()
+    except LocalClusterError as exc:  # processes left: the state stays, to stop them again
+        _fail(str(exc))
     finally:
         signal.signal(signal.SIGINT, previous)
     typer.echo(f"stopped local cluster {info.dashboard_url}")

@@ -195,8 +195,10 @@ def _process_table() -> list[tuple[int, int, str]]:
     return rows
 
 
-def _signal_until_gone(select: Callable[[int, int, str], bool], grace_s: float) -> None:
-    """SIGTERM the selected processes, give them `grace_s` to exit, then SIGKILL the rest."""
+def _signal_until_gone(select: Callable[[int, int, str], bool], grace_s: float) -> list[int]:
+    """SIGTERM the selected processes, give them `grace_s` to exit, then SIGKILL the rest; those still there after
+    (e.g. stuck in uninterruptible I/O) are returned: a stop that leaves them must not report the cluster gone."""
+    pids: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGKILL):
         deadline = time.monotonic() + grace_s
         while pids := [pid for pid, pgid, args in _process_table() if select(pid, pgid, args)]:
@@ -209,14 +211,21 @@ def _signal_until_gone(select: Callable[[int, int, str], bool], grace_s: float) 
                     pass
             time.sleep(0.2)
         else:
-            return
+            return []
+    return pids
 
 
 def stop_local_cluster(info: LocalClusterInfo, grace_s: float = 10.0) -> None:
     """Stop each node's process group (workers first, so the head outlives them), then any Ray process still
-    running from this cluster's temp dir (Ray workers get process groups of their own), and remove the dir."""
-    for leader in reversed(info.pids):
-        _signal_until_gone(lambda pid, pgid, args: pgid == leader, grace_s)
+    running from this cluster's temp dir (Ray workers get process groups of their own), and remove the dir.
+    `LocalClusterError` if a process outlives SIGKILL (the dir is kept for it: stop again once it has exited)."""
+    left = {pid for leader in reversed(info.pids)
+            for pid in _signal_until_gone(lambda pid, pgid, args: pgid == leader, grace_s)}
     node_dirs = f"{info.temp_dir}/node-"
-    _signal_until_gone(lambda pid, pgid, args: node_dirs in args and pid != os.getpid(), grace_s)
+    left.update(_signal_until_gone(lambda pid, pgid, args: node_dirs in args and pid != os.getpid(), grace_s))
+    if left:
+        pids = ",".join(map(str, sorted(left)))
+        raise LocalClusterError(f"processes {pids} of the local cluster outlived SIGKILL (`ps -o pid,stat,args -p "
+                                f"{pids}`: state D waits on I/O); run `raytwin cluster down --local` again once they "
+                                "have exited")
     shutil.rmtree(info.temp_dir, ignore_errors=True)

@@ -5,6 +5,7 @@ The pytest process never calls `ray.init()`: everything runs in the cluster's ow
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import subprocess
@@ -21,6 +22,7 @@ from ray.job_submission import JobStatus
 from typer.testing import CliRunner
 
 import cluster.jobs
+import cluster.local
 from cluster.cli import cluster_app, job_app
 from cluster.jobs import JobClient, project_runtime_env
 from cluster.local import LocalClusterInfo
@@ -282,6 +284,21 @@ def test_down_with_nothing_recorded_says_so_and_succeeds_and_an_unreadable_state
     unreadable = CliRunner().invoke(cluster_app, ["down", "--local", "--state-file", str(state)])
     assert unreadable.exit_code == 1 and f"no usable local-cluster state in {state}" in unreadable.stderr
     assert state.exists()
+
+
+def test_down_fails_and_keeps_the_state_while_a_process_outlives_sigkill(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster process stuck in uninterruptible I/O outlives SIGKILL: `down` said the cluster stopped and dropped
+    its state, leaving nothing to stop it with. Now it names the process, exits 1, and keeps the state and dir."""
+    state, temp_dir, pid = tmp_path / "local-cluster.json", tmp_path / "rtw", 2**22 + 1  # above any pid_max
+    temp_dir.mkdir()
+    LocalClusterInfo("127.0.0.1:1", "http://127.0.0.1:1", str(temp_dir), "token", (pid,)).save(state)
+    monkeypatch.setattr(cluster.local, "_process_table", lambda: [(pid, pid, f"raylet --temp-dir={temp_dir}/node-0")])
+    clock = itertools.count()  # (each look at the clock a second on: the grace periods pass at once)
+    monkeypatch.setattr(cluster.local, "time", SimpleNamespace(monotonic=lambda: next(clock), sleep=lambda s: None))
+    down = CliRunner().invoke(cluster_app, ["down", "--local", "--state-file", str(state)])
+    assert down.exit_code == 1 and f"processes {pid} of the local cluster outlived SIGKILL" in down.stderr
+    assert "stopped" not in down.stdout and state.exists() and temp_dir.exists()
 
 
 def test_job_submit_refuses_an_invalid_raytwin_entrypoint_before_contacting_a_cluster(tmp_path: Path) -> None:
