@@ -632,41 +632,44 @@ class Backend:
             recorded = (live.revision, live.divergence.drift)
         self._twin_marks.setdefault((tenant, asset_id), recorded)
 
-    def _catch_up_changes(self, tenants: list[str]) -> None:
-        """`_catch_up_jobs` then `_catch_up` each tenant, on a thread of its own from the start (readiness does not
-        wait: a twin's batch meanwhile is published relative to the recorded marks anyway, and the jobs caught up are
-        those that ended before the start); a tenant that fails is tried again every `FENCE_WATCH_S` until `close`."""
-        pending, jobs_done = list(tenants), set()
-        while pending:
-            for tenant in list(pending):
-                try:
-                    self.check_writable()  # never beside a successor holding the store
-                    if tenant not in jobs_done:
-                        self._catch_up_jobs(tenant)
-                        jobs_done.add(tenant)
-                    self._catch_up(tenant)
-                    pending.remove(tenant)
-                except StoreFenced:  # the successor holding the store catches up (the fence watch logs it)
-                    continue
-                except Exception as exc:  # noqa: BLE001 - tried again; the twins' next batches are recorded meanwhile
-                    # says it is retried: seen at every start while shards come up, a bare GetTimeoutError read as a fault
-                    log.warning("event=change_catch_up_failed tenant=%s retry_in_s=%g error=%s: %s (a twin shard "
-                                "starting or restarting, or the store failing: tried again until it passes)",
-                                tenant, FENCE_WATCH_S, type(exc).__name__, exc)
-            if pending and self._watch_stop.wait(FENCE_WATCH_S):
-                return
+    def _catch_up_changes(self, tenants: list[str], jobs_done: set[str]) -> list[str]:
+        """`_catch_up_jobs` (unless in `jobs_done`, which it adds to) then `_catch_up` each tenant once; returns the
+        tenants that failed, which `_follow_changes` tries again (a twin's batch meanwhile is published relative to the
+        recorded marks anyway, and the jobs caught up are those that ended before the start)."""
+        failed = []
+        for tenant in tenants:
+            try:
+                self.check_writable()  # never beside a successor holding the store
+                if tenant not in jobs_done:
+                    self._catch_up_jobs(tenant)
+                    jobs_done.add(tenant)
+                self._catch_up(tenant)
+            except StoreFenced:  # the successor holding the store catches up (the fence watch logs it)
+                failed.append(tenant)
+            except Exception as exc:  # noqa: BLE001 - tried again; the twins' next batches are recorded meanwhile
+                # says it is retried: seen at every start while shards come up, a bare GetTimeoutError read as a fault
+                log.warning("event=change_catch_up_failed tenant=%s retry_in_s=%g error=%s: %s (a twin shard "
+                            "starting or restarting, or the store failing: tried again until it passes)",
+                            tenant, FENCE_WATCH_S, type(exc).__name__, exc)
+                failed.append(tenant)
+        return failed
 
     def _follow_changes(self, tenants: list[str]) -> None:
-        """`_catch_up_changes` at the start, then `_record_connector_changes` every `CONNECTOR_CHANGES_S` until
-        `close`: one thread, so that the two never record one tenant's twins at once. Which tenants have a connector
-        is asked of Ray's GCS every `CONNECTOR_TENANTS_S` only, not at every pass of every backend."""
-        self._catch_up_changes(tenants)
+        """`_catch_up_changes` at the start (readiness does not wait), then every `CONNECTOR_CHANGES_S` until `close`
+        `_record_connector_changes` of the tenants caught up, the others' catch-up tried again every `FENCE_WATCH_S`:
+        a tenant whose shard does not come back holds back its own connectors' changes only. One thread, so that the
+        two never record one tenant's twins at once. Which tenants have a connector is asked of Ray's GCS every
+        `CONNECTOR_TENANTS_S` only, not at every pass of every backend."""
+        jobs_done: set[str] = set()
+        pending, tried_at = self._catch_up_changes(tenants, jobs_done), time.monotonic()
         connected: set[str] = set()
         asked_at = -math.inf
         while not self._watch_stop.wait(CONNECTOR_CHANGES_S):
+            if pending and time.monotonic() - tried_at >= FENCE_WATCH_S:
+                pending, tried_at = self._catch_up_changes(pending, jobs_done), time.monotonic()
             if time.monotonic() - asked_at >= CONNECTOR_TENANTS_S:
                 connected, asked_at = self._connector_tenants(connected), time.monotonic()
-            self._record_connector_changes(connected)
+            self._record_connector_changes(connected.difference(pending))
 
     def _connector_tenants(self, last: set[str]) -> set[str]:
         """The tenants with a connector actor now (`connector_tenants`); `last`, the ones found before, while Ray's

@@ -1134,6 +1134,20 @@ def _backend_over(shard: _Shard, log: ChangeLog):
     return backend
 
 
+class _Passes(threading.Event):
+    """A `Backend._watch_stop` for `Backend._follow_changes`: `passes` waits that return at once, then closed."""
+
+    def __init__(self, passes: int) -> None:
+        super().__init__()
+        self.left = passes
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.left -= 1
+        if self.left < 0:
+            self.set()
+        return self.is_set()
+
+
 def _twin_changes(log: ChangeLog) -> list[tuple]:
     """(kind, revision, drift) of each change of tenant acme on the store, oldest first."""
     return [(c.kind, c.revision, c.data.get("drift")) for c in log.store.read("acme", 0, 100)]
@@ -1249,7 +1263,7 @@ def test_the_backends_connector_pass_asks_rays_gcs_for_the_tenants_every_ten_sec
     shard = _Shard()
     shard.router = SimpleNamespace(namespace="raytwin")
     backend = _backend_over(shard, ChangeLog(str(tmp_path)))
-    backend._catch_up_changes, backend.check_writable = lambda tenants: None, lambda: None
+    backend._catch_up_changes, backend.check_writable = lambda tenants, jobs_done: [], lambda: None
     asked, marked, found = [], [], [set(), {"acme"}, RuntimeError("GCS down"), {"acme"}]
 
     def listing(namespace: str) -> set[str]:
@@ -1259,25 +1273,14 @@ def test_the_backends_connector_pass_asks_rays_gcs_for_the_tenants_every_ten_sec
             raise answer
         return answer
 
-    class Passes(threading.Event):  # 25 passes, none waiting, then closed
-        def __init__(self) -> None:
-            super().__init__()
-            self.left = 25
-
-        def wait(self, timeout: float | None = None) -> bool:
-            self.left -= 1
-            if self.left < 0:
-                self.set()
-            return self.is_set()
-
     marks = shard.marks
     shard.marks = lambda tenant, timeout_s=None: marked.append(tenant) or marks(tenant, timeout_s)
     monkeypatch.setattr("serve_apps.backend.connector_tenants", listing)
-    backend._watch_stop = Passes()
+    backend._watch_stop = _Passes(25)
     backend._follow_changes([])
     assert asked == ["raytwin"] and marked == []  # 25 passes well within 10 s: one question, no tenant, no shard
     monkeypatch.setattr("serve_apps.backend.CONNECTOR_TENANTS_S", 0.0)
-    backend._watch_stop = Passes()
+    backend._watch_stop = _Passes(25)
     backend._follow_changes([])
     assert len(asked) == 1 + 25 and marked == ["acme"] * 25  # the GCS failing once: the tenants found before kept
 
@@ -1390,26 +1393,65 @@ def test_a_twin_whose_state_is_older_than_its_log_records_its_next_batch(tmp_pat
 def test_the_catch_up_pass_is_tried_again_while_a_twins_shard_restarts(tmp_path, monkeypatch, caplog):
     """A twin read while its shard restarts is its last durable state, maybe behind: the pass waits for the live one,
     and its warning says it is tried again (every start logged a bare `GetTimeoutError` while shards came up)."""
+    from types import SimpleNamespace
+
     from serve_apps import backend as backend_module
     from serve_apps.store_errors import StoreUnavailable
 
-    monkeypatch.setattr(backend_module, "FENCE_WATCH_S", 0.01)
+    monkeypatch.setattr(backend_module, "FENCE_WATCH_S", 0.0)
+    monkeypatch.setattr(backend_module, "connector_tenants", lambda namespace: set())
     shard = _Shard()
     crashed = _backend_over(shard, ChangeLog(str(tmp_path)))
     _failing_writes(crashed.changes, [DISK_FULL])
     with pytest.raises(StoreUnavailable):
         crashed.apply("acme", _batch(10))
     restarted = _backend_over(shard, ChangeLog(str(tmp_path)))
-    restarted.check_writable, restarted._watch_stop = lambda: None, threading.Event()
+    restarted.check_writable, restarted._watch_stop = lambda: None, _Passes(3)
+    restarted.twins.router = SimpleNamespace(namespace="raytwin")
     live, reads = shard.state, []
     shard.state = lambda tenant, asset_id: live(tenant, asset_id).model_copy(update={"stale": not reads.append(1)
                                                                                      and len(reads) == 1})
     with caplog.at_level("WARNING", logger="raytwin.serve"):
-        restarted._catch_up_changes(["acme"])
+        restarted._follow_changes(["acme"])
     assert len(reads) == 2 and _twin_changes(restarted.changes) == [("twin.state", 10, False)]
     warned = [r.getMessage() for r in caplog.records if "event=change_catch_up_failed" in r.getMessage()]
-    assert len(warned) == 1 and "retry_in_s=0.01 " in warned[0] and "tried again until it passes" in warned[0]
+    assert len(warned) == 1 and "retry_in_s=0 " in warned[0] and "tried again until it passes" in warned[0]
 
+
+
+def test_a_tenant_whose_catch_up_is_retried_holds_back_its_own_connector_changes_only(tmp_path, monkeypatch):
+    """The start's catch-up of every tenant ran before the connector pass: one tenant whose shard never came back (its
+    catch-up retried) held back the device-fed changes of all tenants. Now the pass records the tenants caught up,
+    asks nothing of the stuck one's shards, and tries its catch-up again every `FENCE_WATCH_S`."""
+    from types import SimpleNamespace
+
+    from serve_apps import backend as backend_module
+
+    monkeypatch.setattr(backend_module, "FENCE_WATCH_S", 0.0)
+    shard = _Shard()
+    shard.router = SimpleNamespace(namespace="raytwin")
+    backend = _backend_over(shard, ChangeLog(str(tmp_path)))
+    backend.apply("acme", _batch(10))
+    backend.check_writable, backend._watch_stop = lambda: None, _Passes(3)
+    listed, marked, assets = [], [], shard.assets
+
+    def stuck_assets(tenant: str, timeout_s: float | None = None) -> list[str]:
+        listed.append(tenant)
+        if tenant == "stuck":
+            raise TimeoutError("the shard of tenant stuck does not answer")
+        return assets(tenant, timeout_s)
+
+    def connected(namespace: str) -> set[str]:  # asked after the start's catch-up: a device's readings arrived since
+        shard.seen |= set(range(10, 15))
+        return {"acme", "stuck"}
+
+    marks = shard.marks
+    shard.assets = stuck_assets
+    shard.marks = lambda tenant, timeout_s=None: marked.append(tenant) or marks(tenant, timeout_s)
+    monkeypatch.setattr(backend_module, "connector_tenants", connected)
+    backend._follow_changes(["acme", "stuck"])
+    assert _twin_changes(backend.changes) == [("twin.state", 10, False), ("twin.state", 15, False)]
+    assert marked == ["acme"] * 3 and listed == ["acme", "stuck"] + ["stuck"] * 3
 
 class _ShardHandles:
     """Stand-ins for the actor handles of `shards` twin shards holding `twins` (tenant acme): `full_states.remote`
