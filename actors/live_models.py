@@ -48,6 +48,8 @@ class SwapOutcome(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     states: list[TwinState] = Field(description="each swapped twin's state right after the swap")
     refused: dict[str, str] = Field(description="asset id -> why its twin keeps its model")
+    unfinished: str | None = Field(None, description="why twins not named here may keep their model: a shard left "
+                                   "the read of its twins unanswered (`swap_marks`); None when every shard answered")
 
 
 class LiveModels:
@@ -66,10 +68,12 @@ class LiveModels:
         return sorted(a for part in ray.get([h.twins_of_model.remote(tenant, model, other_than, running)
                                              for h in self.handles], timeout=timeout_s) for a in part)
 
-    def swap_marks(self, tenant: str, model: str, other_than: str | None = None) -> dict[str, SwapMark]:
-        """`twins_of_model`, each twin with its `SwapMark` as read (to plan a swap on: `swap`'s `marks`)."""
-        return {a: mark for part in ray.get([h.swap_marks.remote(tenant, model, other_than) for h in self.handles])
-                for a, mark in part.items()}
+    def swap_marks(self, tenant: str, model: str, other_than: str | None = None,
+                   timeout_s: float | None = None) -> dict[str, SwapMark]:
+        """`twins_of_model`, each twin with its `SwapMark` as read (to plan a swap on: `swap`'s `marks`);
+        `GetTimeoutError` when a shard leaves it unanswered for `timeout_s` (a hung shard hung the swap's caller)."""
+        return {a: mark for part in ray.get([h.swap_marks.remote(tenant, model, other_than) for h in self.handles],
+                                            timeout=timeout_s) for a, mark in part.items()}
 
     def twins_running(self, tenant: str, ref: str, timeout_s: float | None = None) -> list[str]:
         """The tenant's twins whose version for events from now on is `ref` (``name@version``): after a hot swap

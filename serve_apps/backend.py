@@ -201,7 +201,8 @@ class Backend:
             except Exception:  # noqa: BLE001 - one tenant's trigger state must not keep every tenant's API down
                 log.exception("event=recalibration_resume_failed tenant=%s", tenant)
             try:  # a promotion recorded before a crash whose swap of the twins was not
-                finish_interrupted_swaps(ModelLifecycle(self._registry(tenant)), self.twins.models, tenant, self.audit)
+                finish_interrupted_swaps(ModelLifecycle(self._registry(tenant)), self.twins.models, tenant, self.audit,
+                                         config.shard_read_timeout_s)
             except Exception:  # noqa: BLE001 - the API serves meanwhile; the next start tries again
                 log.exception("event=interrupted_swaps_unfinished tenant=%s", tenant)
         self.moves = AssetMoves(self)  # twins moved to a type version their catalog write did not follow

@@ -16,12 +16,19 @@ refused (the start's boundary came later), is finished too (`FINISH_TRIES` times
 
 The route's own swap (`swap_while_production`) is conditional the same way: two promotions or rollbacks from
 different replicas swap the twins in either order, and each twin ends on the version the log says is production.
+
+Both read the twins within the configured shard read deadline (`ServeConfig.shard_read_timeout_s`): a hung shard
+hung the promotion's answer, and the backend's start. The start then leaves the tenant's swaps to the next start
+(logged); the route answers what it swapped, and in `unfinished` that the twins it names in neither list were not
+asked (the promotion is recorded: a 503 would invite sending it again, which is refused).
 """
 
 from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
+
+from ray.exceptions import GetTimeoutError
 
 from actors.live_models import LiveModels, SwapOutcome
 from actors.state import TwinState
@@ -42,15 +49,16 @@ SWAP_TRIES = 3
 those still moved after are named, and the next start finishes them."""
 
 
-def finish_interrupted_swaps(lifecycle: ModelLifecycle, models: LiveModels, tenant: str,
-                             audit: AuditLog) -> dict[str, SwapOutcome]:
+def finish_interrupted_swaps(lifecycle: ModelLifecycle, models: LiveModels, tenant: str, audit: AuditLog,
+                             timeout_s: float | None = None) -> dict[str, SwapOutcome]:
     """Swap the tenant's twins that do not run their model's production version to it; the outcomes by
-    production ref (twins refused a swap, e.g. another state layout, keep their model and are named)."""
+    production ref (twins refused a swap, e.g. another state layout, keep their model and are named).
+    `GetTimeoutError` when a shard leaves the read of its twins unanswered for `timeout_s`: the next start tries."""
     done: dict[str, SwapOutcome] = {}
     for model in lifecycle.models():
         for _ in range(FINISH_TRIES):
             ref = _production(lifecycle, tenant, model)
-            behind = {} if ref is None else models.swap_marks(tenant, model, other_than=ref)
+            behind = {} if ref is None else models.swap_marks(tenant, model, other_than=ref, timeout_s=timeout_s)
             if not behind:
                 break
             if _production(lifecycle, tenant, model) != ref:  # a promotion since: the twins read may be its swap's
@@ -99,38 +107,47 @@ def _production(lifecycle: ModelLifecycle, tenant: str, model: str) -> str | Non
 
 
 def swap_while_production(lifecycle: ModelLifecycle, models: LiveModels, tenant: str, artifact: ModelArtifact,
-                          at: datetime) -> SwapOutcome:
+                          at: datetime, timeout_s: float) -> SwapOutcome:
     """A promotion's (or rollback's) swap of the tenant's twins of the model to `artifact` at `at` (just after a twin's
     last boundary, where another host's clock set that later), while `artifact` is production. Unconditional, two
     replicas' swaps reaching the shards in the other order than their records (or a later record's boundary before the
     earlier's) left the twins on the version that was not production until the next start. Each twin is swapped only
     while it stands where it was read before the log: a swap of a transition recorded after the read moves it first
     (refused; planned again on where it then stands, `SWAP_TRIES` times at most), one recorded before leaves it in
-    `refused`, naming the production version, whose own swap moves it. A twin refusing on its own is not asked again."""
+    `refused`, naming the production version, whose own swap moves it. A twin refusing on its own is not asked again.
+    A shard that leaves the read of its twins unanswered for `timeout_s` ends it: what was swapped is answered, and
+    `unfinished` says why the twins not named may run another version."""
     ref, model = artifact.ref, artifact.name
     swapped: dict[str, TwinState] = {}
     refused: dict[str, str] = {}
     tried: dict[str, SwapMark] = {}  # each twin's mark when last asked: unchanged since, it refused on its own
-    for _ in range(SWAP_TRIES):
-        marks = models.swap_marks(tenant, model, other_than=ref)
-        refused = {a: why for a, why in refused.items() if a in marks}  # one another swap took to `ref` runs it
-        behind = {a: m for a, m in marks.items() if a not in swapped and tried.get(a) != m}  # (a swapped one moved on:
-        # a newer transition's swap)
-        if not behind:
-            break
-        if (production := f"{model}@{lifecycle.current(model).production}") != ref:
-            refused |= dict.fromkeys(behind, f"{ref} is no longer production ({production} is: promoted or rolled "
-                                             "back to meanwhile); that transition's swap moves the twin")
-            break
-        outcome = models.swap(tenant, artifact, _boundary_after(behind, at), marks=behind)
-        tried |= behind
-        swapped |= {s.asset_id: s for s in outcome.states}
-        refused = {a: why for a, why in refused.items() if a not in behind} | outcome.refused
-    else:
-        moved = [a for a, m in models.swap_marks(tenant, model, other_than=ref).items()
-                 if a not in swapped and tried.get(a) != m]
-        refused |= dict.fromkeys(moved, f"other swaps moved the twin each of the {SWAP_TRIES} times this one was "
-                                        f"planned; the service's next start swaps it to {ref} if that is production")
+    try:
+        for _ in range(SWAP_TRIES):
+            marks = models.swap_marks(tenant, model, other_than=ref, timeout_s=timeout_s)
+            refused = {a: why for a, why in refused.items() if a in marks}  # one another swap took to `ref` runs it
+            behind = {a: m for a, m in marks.items() if a not in swapped and tried.get(a) != m}  # (a swapped one
+            # moved on: a newer transition's swap)
+            if not behind:
+                break
+            if (production := f"{model}@{lifecycle.current(model).production}") != ref:
+                refused |= dict.fromkeys(behind, f"{ref} is no longer production ({production} is: promoted or "
+                                                 "rolled back to meanwhile); that transition's swap moves the twin")
+                break
+            outcome = models.swap(tenant, artifact, _boundary_after(behind, at), marks=behind)
+            tried |= behind
+            swapped |= {s.asset_id: s for s in outcome.states}
+            refused = {a: why for a, why in refused.items() if a not in behind} | outcome.refused
+        else:
+            moved = [a for a, m in models.swap_marks(tenant, model, other_than=ref, timeout_s=timeout_s).items()
+                     if a not in swapped and tried.get(a) != m]
+            refused |= dict.fromkeys(moved, f"other swaps moved the twin each of the {SWAP_TRIES} times this one was "
+                                            f"planned; the service's next start swaps it to {ref} if that is "
+                                            "production")
+    except GetTimeoutError:
+        return SwapOutcome(states=list(swapped.values()), refused=refused, unfinished=(
+            f"a twin shard left the read of which twins run {model} unanswered for {timeout_s:g} s (hung or "
+            f"stalled): the twins not named here were not asked and keep the version they run; the service's next "
+            f"start swaps them to {ref} if that is production"))
     return SwapOutcome(states=list(swapped.values()), refused=refused)
 
 

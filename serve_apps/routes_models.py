@@ -72,6 +72,10 @@ class TwinSwaps(BaseModel):
         "version, archived now, which retention keeps while it runs it; the reason says what to do. Another "
         "version promoted (or rolled back to) meanwhile refuses this swap too: the reason names the version in "
         "production now, whose own swap moves the twin (or says the service's next start does)"))
+    unfinished: str | None = Field(None, description=(
+        "Why twins named in neither list may still run another version: a twin shard left the read of its twins "
+        "unanswered past `shard_read_timeout_s` (hung or stalled), so they were not asked; the service's next start "
+        "swaps them. null: every shard answered"))
 
 
 class TransitionAnswer(TransitionRecord):
@@ -279,7 +283,8 @@ async def _answer(svc: Services, request: Request, who: Principal, record: Trans
     swaps = None
     if record.to_stage == "production":
         outcome = await swap_on_promotion(svc, request, who, record)
-        swaps = TwinSwaps(swapped=[s.asset_id for s in outcome.states], refused=outcome.refused)
+        swaps = TwinSwaps(swapped=[s.asset_id for s in outcome.states], refused=outcome.refused,
+                          unfinished=outcome.unfinished)
     return TransitionAnswer.model_validate({**record.model_dump(), "twins": swaps})
 
 

@@ -94,7 +94,8 @@ async def swap_on_promotion(svc: Services, request: Request, who: Principal,
                             record: TransitionRecord) -> SwapOutcome:
     """After a promotion or rollback: the tenant's twins of the model switch to the new production
     version for events from now (server time) on, while it is production (`serve_apps.promotions.
-    swap_while_production`: another replica's transition beside it); audited with the twins swapped and refused."""
+    swap_while_production`: another replica's transition beside it, a shard unanswered within `shard_read_timeout_s`);
+    audited with the twins swapped and refused, and why the swap is unfinished where it is."""
     lc = _lifecycle(svc, who.tenant)
     try:
         artifact = await run_in_threadpool(lc.registry.get, f"{record.model}@{record.version}")
@@ -102,11 +103,15 @@ async def swap_on_promotion(svc: Services, request: Request, who: Principal,
         raise NotFound(str(unwrap(exc))) from None
     at = datetime.now(UTC)
     async with svc.audited(request, who, "model.swap", artifact.ref, at=at.isoformat(), seq=record.seq) as audit:
-        outcome: SwapOutcome = await _live(svc, lambda m: swap_while_production(lc, m, who.tenant, artifact, at))
-        audit.update(swapped=[s.asset_id for s in outcome.states], refused=outcome.refused)
+        outcome: SwapOutcome = await _live(svc, lambda m: swap_while_production(
+            lc, m, who.tenant, artifact, at, svc.config.shard_read_timeout_s))
+        audit.update(swapped=[s.asset_id for s in outcome.states], refused=outcome.refused,
+                     **({"unfinished": outcome.unfinished} if outcome.unfinished else {}))
     if outcome.refused:
         log.warning("event=swap_refused tenant=%s model=%s twins=%d: they keep the version they run",
                     who.tenant, artifact.ref, len(outcome.refused))
+    if outcome.unfinished:
+        log.warning("event=swap_unfinished tenant=%s model=%s: %s", who.tenant, artifact.ref, outcome.unfinished)
     return outcome
 
 

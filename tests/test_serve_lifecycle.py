@@ -378,14 +378,14 @@ def test_retention_keeps_what_twins_run_and_their_history_applied_and_promotions
         assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
         return at
 
-    assert promote("1.0.0") == {"swapped": [], "refused": {}}
+    assert promote("1.0.0") == {"swapped": [], "refused": {}, "unfinished": None}
     assert http.post("/v1/assets", json={"id": asset, "type_name": model, "type_version": "1.0.0",
                                          "initial_state": {"T_in": 293.0, "T_m": 292.0}},
                      headers=api.headers_for("admin")).status_code == 201
     send(1)
-    assert promote("1.1.0") == {"swapped": [asset], "refused": {}}
+    assert promote("1.1.0") == {"swapped": [asset], "refused": {}, "unfinished": None}
     era_1_1 = send(2)
-    assert promote("1.3.0") == {"swapped": [asset], "refused": {}}
+    assert promote("1.3.0") == {"swapped": [asset], "refused": {}, "unfinished": None}
     send(3)
     for version in ("2.0.0", "2.1.0"):
         refused = promote(version)

@@ -2679,7 +2679,8 @@ def test_the_backends_own_swaps_and_moves_act_only_after_their_audit_intent(tmp_
         lc.transition("thermal_rc@1.0.1", stage, Actor(id="calibrator", tenant="acme") if stage == "candidate"
                       else approver, "checked")
     swapped: list[str] = []
-    models = SimpleNamespace(swap_marks=lambda tenant, model, other_than: {"zone-1": ("thermal_rc@1.0.0", None)},
+    models = SimpleNamespace(swap_marks=lambda tenant, model, other_than, timeout_s: {
+                                 "zone-1": ("thermal_rc@1.0.0", None)},
                              swap=lambda tenant, artifact, at, marks: swapped.extend(marks) or SwapOutcome(
                                  states=[], refused={"zone-1": "another state layout"}))
     catalog = _MovedCatalog()

@@ -345,8 +345,7 @@ def test_two_promotions_swapping_in_the_other_order_than_their_records_leave_the
         promoting.append(art.ref)
         record = [lc.transition(art.ref, to, approver if to == "production" else author, "checked")
                   for to in ("candidate", "staging", "production")][-1]
-        asyncio.run(routes_shadow.swap_on_promotion(SimpleNamespace(audited=audit), None,
-                                                    SimpleNamespace(tenant="acme"), record))
+        asyncio.run(routes_shadow.swap_on_promotion(_svc(audit), None, SimpleNamespace(tenant="acme"), record))
 
     def b_lands_inside_a(*args, **kwargs):  # A's swap, called: B's promotion lands first, or beside B's own swap
         if order == "the later record's swap first":
@@ -376,6 +375,74 @@ def test_two_promotions_swapping_in_the_other_order_than_their_records_leave_the
     else:
         assert swaps[first.ref] == {"swapped": ["z1"], "refused": {}}
 
+
+
+def _svc(audited) -> SimpleNamespace:
+    """The `Services` that `swap_on_promotion` uses: its audit steps (`audited`) and the shard read deadline."""
+    return SimpleNamespace(audited=audited, config=SimpleNamespace(shard_read_timeout_s=5.0))
+
+
+class Hung:
+    """A shard actor's handle that leaves every call unanswered: `hung_get` times it out, or fails the test where
+    `ray.get` is given no timeout (it would wait forever)."""
+
+    def __getattr__(self, method: str) -> SimpleNamespace:
+        return SimpleNamespace(remote=lambda *args: Hung)
+
+
+def hung_get(calls, timeout=None):
+    from ray.exceptions import GetTimeoutError
+
+    if isinstance(calls, list) and Hung in calls:
+        assert timeout is not None, "ray.get without a timeout on a hung shard waits forever"
+        raise GetTimeoutError(f"Get timed out: some object(s) not ready after {timeout} s")
+    return direct_get(calls, timeout)
+
+
+def test_a_hung_shard_leaves_a_promotions_swap_unfinished_and_said_not_hung(tmp_path, monkeypatch):
+    """`LiveModels.swap_marks` waited on every shard without a deadline: one hung shard hung the promotion's answer
+    (recorded already) and the backend's start. Within `shard_read_timeout_s` the route answers what it swapped and
+    why the rest is unfinished (audited); the start gives the tenant's swaps up to the next start."""
+    import asyncio
+    from contextlib import asynccontextmanager
+
+    from ray.exceptions import GetTimeoutError
+
+    from actors.live_models import LiveModels
+    from actors.routing import shard_index
+    from serve_apps import routes_shadow
+    from serve_apps.audit import AuditLog
+    from serve_apps.promotions import finish_interrupted_swaps
+
+    registry = ModelRegistry(str(tmp_path / "models"))
+    old, new = (registry.register("zone", v, AssetType.from_model(THERMAL_RC)) for v in ("1.0.0", "1.1.0"))
+    lc, author = ModelLifecycle(registry), Actor(id="alice", tenant="acme")
+    approver = Actor(id="bob", tenant="acme", roles=frozenset({"approver"}))
+    live = shard(tmp_path / "shard")
+    live.register("acme", "z1", registration_record(asset("z1"), old, None, None))
+    record = [lc.transition(new.ref, to, approver if to == "production" else author, "checked")
+              for to in ("candidate", "staging", "production")][-1]
+    handles = [Hung(), Hung()]
+    handles[shard_index("acme", "z1", 2)] = Direct(live)
+    monkeypatch.setattr("ray.get", hung_get)
+    models, audited = LiveModels(handles), []
+
+    @asynccontextmanager
+    async def audit(request, who, action, target, **attempted):
+        audited.append(outcome := {})
+        yield outcome
+
+    monkeypatch.setattr(routes_shadow, "_lifecycle", lambda svc, tenant: lc)
+    monkeypatch.setattr(routes_shadow, "live_models", lambda svc: models)
+    outcome = asyncio.run(routes_shadow.swap_on_promotion(_svc(audit), None, SimpleNamespace(tenant="acme"), record))
+    assert (outcome.states, outcome.refused) == ([], {}) and live.twins_of_model("acme", "zone", running=old.ref) == ["z1"]
+    assert outcome.unfinished == (
+        "a twin shard left the read of which twins run zone unanswered for 5 s (hung or stalled): the twins not named "
+        f"here were not asked and keep the version they run; the service's next start swaps them to {new.ref} if that "
+        "is production")
+    assert audited == [{"swapped": [], "refused": {}, "unfinished": outcome.unfinished}]
+    with pytest.raises(GetTimeoutError):
+        finish_interrupted_swaps(lc, models, "acme", AuditLog(str(tmp_path / "store")), timeout_s=5.0)
 
 def test_shadow_resumes_after_a_shard_restart_with_the_uninterrupted_statistics(tmp_path, versions):
     """A shard restarted mid-evaluation (a new shard on the store, what Ray's restart runs) resumes the
