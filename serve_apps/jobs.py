@@ -510,14 +510,16 @@ class JobQueue:
             raise Conflict(f"job {job_id} is a bulk job: it runs to its end (its items are applied one by one, "
                            "and its report says which)")
         log.info("event=job_cancel job_id=%s tenant=%s key_id=%s state=%s", job_id, tenant, key_id, job.state)
-        if job.state == "queued":
-            self.pending.remove(tenant, job_id)
-            job.state, job.finished = "cancelled", datetime.now(UTC)
-            self._moved(job, "queued")
-            job.error = f"cancelled by key {key_id} while queued: it never ran, so it has no run record"
-            if not self._save(job):
+        if job.state == "queued":  # saved before memory moves: a refused save (StoreFenced, the store failing)
+            # leaves the job queued here, as the successor's record does not say cancelled
+            ended = job.model_copy(update={"state": "cancelled", "finished": datetime.now(UTC), "error": (
+                f"cancelled by key {key_id} while queued: it never ran, so it has no run record")})
+            if not self._save(ended):
                 raise StoreFenced(f"job {job_id} was ended by the service that took the store over: this service "
                                   "cancels none of its jobs; send the request to that service")
+            self.pending.remove(tenant, job_id)
+            job.state, job.finished, job.error = ended.state, ended.finished, ended.error
+            self._moved(job, "queued")
             self._publish()
             self._notify(job)
             return self.status(job)

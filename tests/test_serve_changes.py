@@ -2032,7 +2032,8 @@ def test_a_fenced_segment_its_successors_listing_does_not_show_yet_is_numbered_p
 def test_a_job_cancelled_in_the_takeover_window_is_refused_over_the_successors_end(tmp_path):
     """A cancel reads the lease afresh and then writes: a takeover between the two let the queued job's `cancelled`
     record replace the one in which the successor's start failed it. The successor claimed the job's end first: the
-    cancel is refused (503 `store_fenced`), the record stays the successor's."""
+    cancel is refused (503 `store_fenced`), the record stays the successor's, and the fenced replica's memory the job
+    as it was (it showed cancelled, marked before the refused save, while the store said failed)."""
     from raytwin.statestore import StoreFenced
     from serve_apps.jobs import read_records
     from tests.test_serve_jobs import HeldJobs, _submit
@@ -2047,6 +2048,10 @@ def test_a_job_cancelled_in_the_takeover_window_is_refused_over_the_successors_e
             await fenced.cancel_job("acme", queued, "key-acme")
         assert {job.job_id: job.state for job in read_records(fenced.jobs.fs, fenced.jobs.root)} == {
             running: "failed", queued: "failed"}
+        kept = await fenced.get_job("acme", queued)
+        assert (kept.state, kept.finished, kept.error) == ("queued", None, None)
+        assert fenced.jobs.pending.position("acme", queued) is not None
+        assert (fenced.jobs.counts[("acme", "queued")], fenced.jobs.counts[("acme", "cancelled")]) == (1, 0)
 
     asyncio.run(scenario())
 
