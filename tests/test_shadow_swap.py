@@ -8,8 +8,10 @@ version after) for the swap, and a run without shadow for the served state.
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 from datetime import UTC, datetime, timedelta
+from functools import partial
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,7 @@ from actors.swap import SwapRefused, check_compatible, map_state
 from actors.telemetry import validated_table
 from actors.twin import Twin, logged_event, replay
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
-from raytwin.lifecycle import Actor, LifecyclePolicy, ModelLifecycle
+from raytwin.lifecycle import Actor, LifecyclePolicy, ModelLifecycle, TransitionRecord
 from raytwin.registry import ModelRegistry
 from raytwin.shadow import InnovationStats, compare, conclude, score_event
 from raytwin.sim import BATTERY_ECM, THERMAL_RC, simulate
@@ -224,6 +226,29 @@ def direct_get(calls, timeout=None):
     return [call() for call in calls] if isinstance(calls, list) else calls()
 
 
+class Zone(NamedTuple):
+    """A shard whose twin z1 runs the first of the registered versions, and the lifecycle that promotes the others."""
+
+    lc: ModelLifecycle
+    live: TwinShard
+    versions: list
+
+
+def zone_versions(tmp_path, *versions: str) -> Zone:
+    registry = ModelRegistry(str(tmp_path / "models"))
+    arts = [registry.register("zone", v, AssetType.from_model(THERMAL_RC)) for v in versions]
+    live = shard(tmp_path / "shard")
+    live.register("acme", "z1", registration_record(asset("z1"), arts[0], None, None))
+    return Zone(ModelLifecycle(registry), live, arts)
+
+
+def promoted(lc: ModelLifecycle, art) -> TransitionRecord:
+    """`art` moved to production, submitted by its author and promoted by an approver: the promotion's record."""
+    author, approver = Actor(id="alice", tenant="acme"), Actor(id="bob", tenant="acme", roles=frozenset({"approver"}))
+    return [lc.transition(art.ref, to, approver if to == "production" else author, "checked")
+            for to in ("candidate", "staging", "production")][-1]
+
+
 @pytest.mark.parametrize("lands", ["between the start's reads of the log and the twins", "before the start's swap",
                                    "during the start's swap"])
 def test_the_starts_finishing_of_an_interrupted_swap_leaves_the_twins_on_a_promotion_landing_meanwhile(
@@ -236,15 +261,8 @@ def test_the_starts_finishing_of_an_interrupted_swap_leaves_the_twins_on_a_promo
     from serve_apps.audit import AuditLog
     from serve_apps.promotions import finish_interrupted_swaps
 
-    registry = ModelRegistry(str(tmp_path / "models"))
-    old, interrupted, new = (registry.register("zone", v, AssetType.from_model(THERMAL_RC)) for v in
-                             ("1.0.0", "1.1.0", "1.2.0"))
-    lc, author = ModelLifecycle(registry), Actor(id="alice", tenant="acme")
-    approver = Actor(id="bob", tenant="acme", roles=frozenset({"approver"}))
-    promote = lambda art: [lc.transition(art.ref, to, approver if to == "production" else author,  # noqa: E731
-                                         "checked") for to in ("candidate", "staging", "production")]
-    live = shard(tmp_path / "shard")
-    live.register("acme", "z1", registration_record(asset("z1"), old, None, None))
+    lc, live, (_, interrupted, new) = zone_versions(tmp_path, "1.0.0", "1.1.0", "1.2.0")
+    promote = partial(promoted, lc)
     promote(interrupted)  # ...and the backend died before the swap
     monkeypatch.setattr("ray.get", direct_get)
     models = LiveModels([Direct(live)])
@@ -285,18 +303,11 @@ def test_the_starts_finishing_of_an_interrupted_swap_goes_after_a_boundary_a_clo
     from serve_apps.audit import AuditLog
     from serve_apps.promotions import finish_interrupted_swaps
 
-    registry = ModelRegistry(str(tmp_path / "models"))
-    old, ahead, interrupted = (registry.register("zone", v, AssetType.from_model(THERMAL_RC)) for v in
-                               ("1.0.0", "1.1.0", "1.2.0"))
-    lc, author = ModelLifecycle(registry), Actor(id="alice", tenant="acme")
-    approver = Actor(id="bob", tenant="acme", roles=frozenset({"approver"}))
-    live = shard(tmp_path / "shard")
-    live.register("acme", "z1", registration_record(asset("z1"), old, None, None))
+    lc, live, (_, ahead, interrupted) = zone_versions(tmp_path, "1.0.0", "1.1.0", "1.2.0")
     monkeypatch.setattr("ray.get", direct_get)
     models, later = LiveModels([Direct(live)]), datetime.now(UTC) + timedelta(days=1)
     for art in (ahead, interrupted):
-        for to in ("candidate", "staging", "production"):
-            lc.transition(art.ref, to, approver if to == "production" else author, "checked")
+        promoted(lc, art)
     models.swap("acme", ahead, later)  # (and 1.2.0's swap never ran)
 
     done = finish_interrupted_swaps(lc, models, "acme", AuditLog(str(tmp_path / "store")))
@@ -320,13 +331,7 @@ def test_two_promotions_swapping_in_the_other_order_than_their_records_leave_the
     from actors.live_models import LiveModels
     from serve_apps import routes_shadow
 
-    registry = ModelRegistry(str(tmp_path / "models"))
-    old, first, second = (registry.register("zone", v, AssetType.from_model(THERMAL_RC)) for v in
-                          ("1.0.0", "1.1.0", "1.2.0"))
-    lc, author = ModelLifecycle(registry), Actor(id="alice", tenant="acme")
-    approver = Actor(id="bob", tenant="acme", roles=frozenset({"approver"}))
-    live = shard(tmp_path / "shard")
-    live.register("acme", "z1", registration_record(asset("z1"), old, None, None))
+    lc, live, (_, first, second) = zone_versions(tmp_path, "1.0.0", "1.1.0", "1.2.0")
     monkeypatch.setattr("ray.get", direct_get)
     models, audited = LiveModels([Direct(live)]), []
     real_swap, clock = models.swap, {first.ref: T0 + timedelta(seconds=1), second.ref: T0}  # A's host is ahead
@@ -343,8 +348,7 @@ def test_two_promotions_swapping_in_the_other_order_than_their_records_leave_the
 
     def promote(art) -> None:  # the route: the record, then its swap
         promoting.append(art.ref)
-        record = [lc.transition(art.ref, to, approver if to == "production" else author, "checked")
-                  for to in ("candidate", "staging", "production")][-1]
+        record = promoted(lc, art)
         asyncio.run(routes_shadow.swap_on_promotion(_svc(audit), None, SimpleNamespace(tenant="acme"), record))
 
     def b_lands_inside_a(*args, **kwargs):  # A's swap, called: B's promotion lands first, or beside B's own swap
@@ -414,14 +418,8 @@ def test_a_hung_shard_leaves_a_promotions_swap_unfinished_and_said_not_hung(tmp_
     from serve_apps.audit import AuditLog
     from serve_apps.promotions import finish_interrupted_swaps
 
-    registry = ModelRegistry(str(tmp_path / "models"))
-    old, new = (registry.register("zone", v, AssetType.from_model(THERMAL_RC)) for v in ("1.0.0", "1.1.0"))
-    lc, author = ModelLifecycle(registry), Actor(id="alice", tenant="acme")
-    approver = Actor(id="bob", tenant="acme", roles=frozenset({"approver"}))
-    live = shard(tmp_path / "shard")
-    live.register("acme", "z1", registration_record(asset("z1"), old, None, None))
-    record = [lc.transition(new.ref, to, approver if to == "production" else author, "checked")
-              for to in ("candidate", "staging", "production")][-1]
+    lc, live, (old, new) = zone_versions(tmp_path, "1.0.0", "1.1.0")
+    record = promoted(lc, new)
     handles = [Hung(), Hung()]
     handles[shard_index("acme", "z1", 2)] = Direct(live)
     monkeypatch.setattr("ray.get", hung_get)
