@@ -29,7 +29,8 @@ import pyarrow.compute as pc
 import pytest
 
 from actors import TwinService, TwinState, UnknownTwin
-from actors.progress import Busy, CallClock, probe_call, timed_calls
+from actors import service as service_module
+from actors.progress import Busy, CallClock, probe_call, probed_actor, timed_calls
 from actors.recovery import registration_record
 from actors.shard import TwinShard, TwinShardProcess, asset_codes
 from actors.telemetry import validated_table
@@ -951,37 +952,99 @@ def test_a_shards_retype_checks_the_very_readings_its_replay_applies(tmp_path, a
     assert_same_state(shard.state("acme", "late"), before)
 
 
-def test_killed_shard_recovers_without_losing_or_double_applying(ray_session, tmp_path, artifact):
-    """ray.kill, then SIGKILL of the shard's worker process, while an ingestion is running."""
+HOLD_S = 120.0
+"""How long `_HeldAroundItsLogWrite` holds a call for a kill that does not come (a failing test), and how long a
+test waits for a call to be held."""
+
+
+def hold_file(store_url: str, when: str) -> str:
+    """The file that makes `_HeldAroundItsLogWrite` hold the ingest call of the event it names ("asset_id
+    sequence") `when` ("before" or "after") its durable log write; once held, `<file>.held` holds the pid."""
+    return f"{store_url}.hold-{when}-log"
+
+
+def _hold_if_named(path: str, rows: pa.Table) -> None:
+    """Hold here, in the shard's process, if `rows` hold the event `path` names: the file is consumed first, so
+    the call's retry after the kill runs through."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        asset_id, sequence = f.read().split()
+    if (asset_id, int(sequence)) not in zip(rows.column("asset_id").to_pylist(), rows.column("sequence").to_pylist()):
+        return
+    os.remove(path)
+    with open(f"{path}.tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(f"{path}.tmp", f"{path}.held")  # whole, for the test to read
+    time.sleep(HOLD_S)  # until the test kills this process
+
+
+class _HeldAroundItsLogWrite(TwinShardProcess):
+    """A shard whose ingest call holds just before or just after the log write of a batch (`hold_file`): a kill
+    aimed at the middle of a batch, between applying its events and logging them or between logging them and
+    answering, which a kill timed from outside cannot aim at on a loaded machine."""
+
+    def __init__(self, store_url: str, *args, **kwargs):
+        super().__init__(store_url, *args, **kwargs)
+        append = self.store.append_log
+
+        def held_around(tenant: str, rows: pa.Table, *rest) -> int:
+            _hold_if_named(hold_file(store_url, "before"), rows)
+            logged = append(tenant, rows, *rest)
+            _hold_if_named(hold_file(store_url, "after"), rows)
+            return logged
+
+        self.store.append_log = held_around
+
+
+def held_pid(path: str, running) -> int:
+    """The pid of the shard process whose call holds at `path` (`_HeldAroundItsLogWrite`), once it does; the
+    ingestion `running` is still waiting for that call then."""
+    deadline = time.monotonic() + HOLD_S
+    while not os.path.exists(f"{path}.held"):
+        if running.done():
+            running.result()  # its error, if it failed
+            raise AssertionError(f"the ingestion ended without reaching the hold at {path}")
+        assert time.monotonic() < deadline, f"no ingest call reached the hold at {path} in {HOLD_S:g} s"
+        time.sleep(0.01)
+    assert not running.done()
+    with open(f"{path}.held") as f:
+        return int(f.read())
+
+
+def test_killed_shard_recovers_without_losing_or_double_applying(ray_session, tmp_path, artifact, monkeypatch):
+    """ray.kill while an ingest call holds a batch applied but not logged, then SIGKILL of the restarted shard's
+    worker process while one holds a batch logged but not answered (`_HeldAroundItsLogWrite`): each call is sent
+    again, the first batch applied once after the recovery, the second a duplicate of the log."""
     import ray
 
+    monkeypatch.setattr(service_module, "TwinShardActor", probed_actor(_HeldAroundItsLogWrite))
+    store_url = str(tmp_path / "store")
     opts = {"allowed_lateness_s": 5 * STEP_S, "checkpoint_every": 4}
-    svc = TwinService(str(tmp_path / "store"), shards=1, snapshot_every=8, batch_size=4, **opts)
+    svc = TwinService(store_url, shards=1, snapshot_every=8, batch_size=4, **opts)
     try:
         svc.register(asset("k1"), artifact)
         svc.register(asset("k2"), artifact)
         evs = sorted(events("k1", 100, seed=5) + events("k2", 100, seed=6), key=lambda e: (e.event_time, e.asset_id))
         [shard] = svc.shard_handles
         first = svc.ingest("acme", evs[:40])
-        pool = ThreadPoolExecutor(1)
-        running = pool.submit(svc.ingest, "acme", evs[40:] + evs[30:40])  # ends with 10 re-deliveries
-
-        def wait_applied(n):
-            while svc.state("acme", "k1").events_applied < n and not running.done():
-                time.sleep(0.01)
-
-        pids, mid_ingestion = [ray.get(shard.pid.remote())], []
-        wait_applied(40)
-        mid_ingestion.append(not running.done())
+        before, after = hold_file(store_url, "before"), hold_file(store_url, "after")
+        for path, held in ((before, evs[80]), (after, evs[130])):  # k1's 40th and 65th events
+            with open(path, "w") as f:
+                f.write(f"{held.asset_id} {held.sequence}")
+        pids = [ray.get(shard.pid.remote())]
+        running = ThreadPoolExecutor(1).submit(svc.ingest, "acme", evs[40:] + evs[30:40])  # ends with 10 re-deliveries
+        pids.append(held_pid(before, running))
         ray.kill(shard, no_restart=False)
-        wait_applied(65)
-        pids.append(ray.get(shard.pid.remote()))
-        mid_ingestion.append(not running.done())
+        pids.append(held_pid(after, running))
         os.kill(pids[-1], signal.SIGKILL)
         report = running.result(timeout=300)
         pids.append(ray.get(shard.pid.remote()))
-        assert len(set(pids)) == 3 and mid_ingestion == [True, True]
-        assert first.accepted + report.accepted <= 200 and report.rejected == 0
+        assert pids[0] == pids[1] != pids[2] != pids[3] != pids[0]  # the kills hit the held calls
+        # every event reported once (a call Ray gave up on is sent again, its first report lost), none lost: the
+        # re-deliveries and the batch logged before the SIGKILL are duplicates
+        assert (first.accepted + report.accepted + report.duplicates, report.rejected) == (210, 0)
+        assert report.duplicates >= 14
 
         for asset_id in ("k1", "k2"):
             state = svc.state("acme", asset_id)
@@ -992,7 +1055,7 @@ def test_killed_shard_recovers_without_losing_or_double_applying(ray_session, tm
         assert svc.store.latest_snapshot("acme", "k1").revision >= 80  # recovery used snapshot + log
         # a fresh service (new actors) recovers the same state from the store alone
         svc.close()
-        svc = TwinService(str(tmp_path / "store"), shards=1, snapshot_every=8, **opts)
+        svc = TwinService(store_url, shards=1, snapshot_every=8, **opts)
         assert_same_state(svc.state("acme", "k2"),
                           reference(artifact, "k2", [e for e in evs if e.asset_id == "k2"], **opts).view())
     finally:
