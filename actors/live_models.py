@@ -6,6 +6,7 @@ and a Serve ingress (which looks the shards up by name) use the same code.
 
 from __future__ import annotations
 
+import time
 import uuid
 import zlib
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from typing import Any
 
 import ray
 from pydantic import BaseModel, ConfigDict, Field
+from ray.exceptions import GetTimeoutError
 
 from actors.routing import shard_index
 from actors.shadow import ShadowTwinReport, refuse_foreign
@@ -49,7 +51,8 @@ class SwapOutcome(BaseModel):
     states: list[TwinState] = Field(description="each swapped twin's state right after the swap")
     refused: dict[str, str] = Field(description="asset id -> why its twin keeps its model")
     unfinished: str | None = Field(None, description="why twins not named here may keep their model: a shard left "
-                                   "the read of its twins unanswered (`swap_marks`); None when every shard answered")
+                                   "the read of its twins (`swap_marks`), or their swap, unanswered; None when every "
+                                   "shard answered")
 
 
 class LiveModels:
@@ -131,12 +134,13 @@ class LiveModels:
         return any(ray.get([h.stop_shadow.remote(tenant, ref) for h in self.handles]))
 
     def swap(self, tenant: str, artifact: ModelArtifact, at: datetime, asset_ids: list[str] | None = None, *,
-             marks: dict[str, SwapMark] | None = None) -> SwapOutcome:
+             marks: dict[str, SwapMark] | None = None, timeout_s: float | None = None) -> SwapOutcome:
         """Hot-swap twins to `artifact` for events at or after `at` (timezone-aware): `asset_ids`, or those of
         `marks`, or every twin of the tenant running a version of its model. Each twin's swap is durable before it
         applies; a twin that cannot take it (`actors.swap.SwapRefused`) keeps its model and is named
         in `refused` with the reason. `marks` (`swap_marks` as read): each twin only while still at its mark, so that
-        a swap planned on a read does not undo one that landed since (refused)."""
+        a swap planned on a read does not undo one that landed since (refused). Answers wait `timeout_s` in all (a
+        hung shard hung the swap's caller): twins whose shard left theirs unanswered are named in `unfinished`."""
         if at.tzinfo is None:
             raise ValueError("the swap boundary needs a timezone-aware datetime")
         if asset_ids is None:
@@ -144,14 +148,21 @@ class LiveModels:
         body, at_us = artifact.model_dump(mode="json"), to_micros(at)
         refs = {a: self._shard(tenant, a).swap_model.remote(tenant, a, body, at_us, (marks or {}).get(a))
                 for a in asset_ids}
-        states, refused = [], {}
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        states, refused, unanswered = [], {}, []
         for a, ref in refs.items():
             try:
-                state = ray.get(ref)
+                state = ray.get(ref, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
             except SwapRefused as exc:  # Ray's error for it is also a SwapRefused
                 refused[a] = str(exc).strip().splitlines()[-1].removeprefix("actors.swap.SwapRefused: ")
+                continue
+            except GetTimeoutError:
+                unanswered.append(a)
                 continue
             if state is None:
                 raise KeyError(f"no twin {a!r} for tenant {tenant!r}")
             states.append(state)
-        return SwapOutcome(states=states, refused=refused)
+        return SwapOutcome(states=states, refused=refused, unfinished=None if not unanswered else (
+            f"the shards of twins {', '.join(unanswered)} left their swap to {artifact.ref} unanswered for "
+            f"{timeout_s:g} s (hung or stalled): each takes it when its shard gets to it, unless another swap moved "
+            "the twin meanwhile, and runs the version it ran until then"))

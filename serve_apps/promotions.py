@@ -17,10 +17,12 @@ refused (the start's boundary came later), is finished too (`FINISH_TRIES` times
 The route's own swap (`swap_while_production`) is conditional the same way: two promotions or rollbacks from
 different replicas swap the twins in either order, and each twin ends on the version the log says is production.
 
-Both read the twins within the configured shard read deadline (`ServeConfig.shard_read_timeout_s`): a hung shard
-hung the promotion's answer, and the backend's start. The start then leaves the tenant's swaps to the next start
-(logged); the route answers what it swapped, and in `unfinished` that the twins it names in neither list were not
-asked (the promotion is recorded: a 503 would invite sending it again, which is refused).
+Both read the twins, and wait for their swaps, within the configured shard read deadline
+(`ServeConfig.shard_read_timeout_s`): a hung shard hung the promotion's answer, and the backend's start. A read left
+unanswered makes the start leave the tenant's swaps to the next start (logged); the route answers what it swapped, and
+in `unfinished` that the twins it names in neither list were not asked (the promotion is recorded: a 503 would invite
+sending it again, which is refused). A swap left unanswered is named in `unfinished` by both (the start's audited and
+logged): the shard applies it when it gets to it, unless another swap moved the twin meanwhile.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def finish_interrupted_swaps(lifecycle: ModelLifecycle, models: LiveModels, tena
                              timeout_s: float | None = None) -> dict[str, SwapOutcome]:
     """Swap the tenant's twins that do not run their model's production version to it; the outcomes by
     production ref (twins refused a swap, e.g. another state layout, keep their model and are named).
-    `GetTimeoutError` when a shard leaves the read of its twins unanswered for `timeout_s`: the next start tries."""
+    `GetTimeoutError` when a shard leaves the read of its twins unanswered for `timeout_s`: the next start tries;
+    twins whose shard leaves their swap unanswered that long are in the outcome's `unfinished` (audited, logged)."""
     done: dict[str, SwapOutcome] = {}
     for model in lifecycle.models():
         for _ in range(FINISH_TRIES):
@@ -63,7 +66,7 @@ def finish_interrupted_swaps(lifecycle: ModelLifecycle, models: LiveModels, tena
                 break
             if _production(lifecycle, tenant, model) != ref:  # a promotion since: the twins read may be its swap's
                 continue
-            outcome = _swap(lifecycle, models, tenant, audit, ref, behind)
+            outcome = _swap(lifecycle, models, tenant, audit, ref, behind, timeout_s)
             if outcome is None:
                 break
             done[ref] = outcome
@@ -75,7 +78,7 @@ def finish_interrupted_swaps(lifecycle: ModelLifecycle, models: LiveModels, tena
 
 
 def _swap(lifecycle: ModelLifecycle, models: LiveModels, tenant: str, audit: AuditLog, ref: str,
-          behind: dict[str, SwapMark]) -> SwapOutcome | None:
+          behind: dict[str, SwapMark], timeout_s: float | None) -> SwapOutcome | None:
     """Swap the twins `behind` (their marks as read) to `ref`, audited as the system's; None: the store took no
     intent (nothing swapped: the next start tries). The boundary is now, or just after a twin's last where another
     host's clock set that later: at our own clock alone, that twin refused and waited for the next start."""
@@ -83,15 +86,18 @@ def _swap(lifecycle: ModelLifecycle, models: LiveModels, tenant: str, audit: Aud
     try:
         with audited(audit, by_system(tenant, "model.swap", ref, {"at": at.isoformat(), "reason": (
                 "the promotion's swap was interrupted; finished at start")})) as step:
-            outcome = models.swap(tenant, lifecycle.registry.get(ref), at, marks=behind)
+            outcome = models.swap(tenant, lifecycle.registry.get(ref), at, marks=behind, timeout_s=timeout_s)
             swapped = [s.asset_id for s in outcome.states]
-            step.update(swapped=swapped, refused=outcome.refused)
+            step.update(swapped=swapped, refused=outcome.refused,
+                        **({"unfinished": outcome.unfinished} if outcome.unfinished else {}))
     except StoreUnavailable as exc:  # (only `begin`'s) its intent not written: not swapped; the next start tries
         log.error("event=interrupted_swap_deferred tenant=%s model=%s twins=%d error=%r", tenant, ref, len(behind),
                   exc.message)
         return None
     log.warning("event=interrupted_swap_finished tenant=%s model=%s swapped=%d refused=%d", tenant, ref,
                 len(swapped), len(outcome.refused))
+    if outcome.unfinished:
+        log.error("event=interrupted_swap_unfinished tenant=%s model=%s: %s", tenant, ref, outcome.unfinished)
     return outcome
 
 
@@ -115,8 +121,8 @@ def swap_while_production(lifecycle: ModelLifecycle, models: LiveModels, tenant:
     while it stands where it was read before the log: a swap of a transition recorded after the read moves it first
     (refused; planned again on where it then stands, `SWAP_TRIES` times at most), one recorded before leaves it in
     `refused`, naming the production version, whose own swap moves it. A twin refusing on its own is not asked again.
-    A shard that leaves the read of its twins unanswered for `timeout_s` ends it: what was swapped is answered, and
-    `unfinished` says why the twins not named may run another version."""
+    A shard that leaves the read of its twins, or their swap, unanswered for `timeout_s` ends it: what was swapped is
+    answered, and `unfinished` says why the twins not named may run another version."""
     ref, model = artifact.ref, artifact.name
     swapped: dict[str, TwinState] = {}
     refused: dict[str, str] = {}
@@ -133,10 +139,14 @@ def swap_while_production(lifecycle: ModelLifecycle, models: LiveModels, tenant:
                 refused |= dict.fromkeys(behind, f"{ref} is no longer production ({production} is: promoted or "
                                                  "rolled back to meanwhile); that transition's swap moves the twin")
                 break
-            outcome = models.swap(tenant, artifact, _boundary_after(behind, at), marks=behind)
+            outcome = models.swap(tenant, artifact, _boundary_after(behind, at), marks=behind, timeout_s=timeout_s)
             tried |= behind
             swapped |= {s.asset_id: s for s in outcome.states}
             refused = {a: why for a, why in refused.items() if a not in behind} | outcome.refused
+            if outcome.unfinished:
+                return SwapOutcome(states=list(swapped.values()), refused=refused, unfinished=(
+                    f"{outcome.unfinished}; the service's next start swaps those still behind to {ref} if that is "
+                    "production"))
         else:
             moved = [a for a, m in models.swap_marks(tenant, model, other_than=ref, timeout_s=timeout_s).items()
                      if a not in swapped and tried.get(a) != m]

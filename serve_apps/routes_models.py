@@ -74,8 +74,9 @@ class TwinSwaps(BaseModel):
         "production now, whose own swap moves the twin (or says the service's next start does)"))
     unfinished: str | None = Field(None, description=(
         "Why twins named in neither list may still run another version: a twin shard left the read of its twins "
-        "unanswered past `shard_read_timeout_s` (hung or stalled), so they were not asked; the service's next start "
-        "swaps them. null: every shard answered"))
+        "unanswered past `shard_read_timeout_s` (hung or stalled), so they were not asked, or left their swap "
+        "unanswered (named; the shard applies it when it gets to it, unless another swap moved the twin); the "
+        "service's next start swaps them. null: every shard answered"))
 
 
 class TransitionAnswer(TransitionRecord):

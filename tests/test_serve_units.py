@@ -2681,7 +2681,7 @@ def test_the_backends_own_swaps_and_moves_act_only_after_their_audit_intent(tmp_
     swapped: list[str] = []
     models = SimpleNamespace(swap_marks=lambda tenant, model, other_than, timeout_s: {
                                  "zone-1": ("thermal_rc@1.0.0", None)},
-                             swap=lambda tenant, artifact, at, marks: swapped.extend(marks) or SwapOutcome(
+                             swap=lambda tenant, artifact, at, marks, timeout_s: swapped.extend(marks) or SwapOutcome(
                                  states=[], refused={"zone-1": "another state layout"}))
     catalog = _MovedCatalog()
     backend = SimpleNamespace(config=SimpleNamespace(store_url=str(tmp_path / "store"), storage_options=None),

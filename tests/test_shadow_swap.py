@@ -386,6 +386,18 @@ def _svc(audited) -> SimpleNamespace:
     return SimpleNamespace(audited=audited, config=SimpleNamespace(shard_read_timeout_s=5.0))
 
 
+def _collected(audited: list[dict]):
+    """`Services.audited` that appends each step's outcome to `audited`."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def audit(request, who, action, target, **attempted):
+        audited.append(outcome := {})
+        yield outcome
+
+    return audit
+
+
 class Hung:
     """A shard actor's handle that leaves every call unanswered: `hung_get` times it out, or fails the test where
     `ray.get` is given no timeout (it would wait forever)."""
@@ -394,10 +406,24 @@ class Hung:
         return SimpleNamespace(remote=lambda *args: Hung)
 
 
+class SwapHangs(Direct):
+    """`Direct`, but the shard leaves the swap of twin `hung` unanswered (`Hung`): it hung after the twins were read."""
+
+    def __init__(self, shard: TwinShard, hung: str):
+        super().__init__(shard)
+        self.hung = hung
+
+    @property
+    def swap_model(self) -> SimpleNamespace:
+        direct = super().__getattr__("swap_model")
+        return SimpleNamespace(remote=lambda tenant, asset_id, *rest: (
+            Hung if asset_id == self.hung else direct.remote(tenant, asset_id, *rest)))
+
+
 def hung_get(calls, timeout=None):
     from ray.exceptions import GetTimeoutError
 
-    if isinstance(calls, list) and Hung in calls:
+    if calls is Hung or (isinstance(calls, list) and Hung in calls):
         assert timeout is not None, "ray.get without a timeout on a hung shard waits forever"
         raise GetTimeoutError(f"Get timed out: some object(s) not ready after {timeout} s")
     return direct_get(calls, timeout)
@@ -408,7 +434,6 @@ def test_a_hung_shard_leaves_a_promotions_swap_unfinished_and_said_not_hung(tmp_
     (recorded already) and the backend's start. Within `shard_read_timeout_s` the route answers what it swapped and
     why the rest is unfinished (audited); the start gives the tenant's swaps up to the next start."""
     import asyncio
-    from contextlib import asynccontextmanager
 
     from ray.exceptions import GetTimeoutError
 
@@ -424,12 +449,7 @@ def test_a_hung_shard_leaves_a_promotions_swap_unfinished_and_said_not_hung(tmp_
     handles[shard_index("acme", "z1", 2)] = Direct(live)
     monkeypatch.setattr("ray.get", hung_get)
     models, audited = LiveModels(handles), []
-
-    @asynccontextmanager
-    async def audit(request, who, action, target, **attempted):
-        audited.append(outcome := {})
-        yield outcome
-
+    audit = _collected(audited)
     monkeypatch.setattr(routes_shadow, "_lifecycle", lambda svc, tenant: lc)
     monkeypatch.setattr(routes_shadow, "live_models", lambda svc: models)
     outcome = asyncio.run(routes_shadow.swap_on_promotion(_svc(audit), None, SimpleNamespace(tenant="acme"), record))
@@ -441,6 +461,42 @@ def test_a_hung_shard_leaves_a_promotions_swap_unfinished_and_said_not_hung(tmp_
     assert audited == [{"swapped": [], "refused": {}, "unfinished": outcome.unfinished}]
     with pytest.raises(GetTimeoutError):
         finish_interrupted_swaps(lc, models, "acme", AuditLog(str(tmp_path / "store")), timeout_s=5.0)
+
+
+def test_a_shard_hung_on_a_swap_leaves_the_promotion_unfinished_and_said_not_hung(tmp_path, monkeypatch, caplog):
+    """`LiveModels.swap` waited on each twin's swap without a deadline: a shard that hung between the read of the
+    twins and their swap hung the promotion's answer (recorded already) and the backend's start. Within
+    `shard_read_timeout_s` the twins that answered are swapped and named, the unanswered one in `unfinished`
+    (audited), by the route and by the start alike."""
+    import asyncio
+
+    from actors.live_models import LiveModels
+    from serve_apps import routes_shadow
+    from serve_apps.audit import AuditLog
+    from serve_apps.promotions import finish_interrupted_swaps
+
+    lc, live, (old, new) = zone_versions(tmp_path, "1.0.0", "1.1.0")
+    live.register("acme", "z2", registration_record(asset("z2"), old, None, None))
+    record = promoted(lc, new)
+    monkeypatch.setattr("ray.get", hung_get)
+    models, audited = LiveModels([SwapHangs(live, "z1")]), []
+    monkeypatch.setattr(routes_shadow, "_lifecycle", lambda svc, tenant: lc)
+    monkeypatch.setattr(routes_shadow, "live_models", lambda svc: models)
+    outcome = asyncio.run(routes_shadow.swap_on_promotion(_svc(_collected(audited)), None,
+                                                          SimpleNamespace(tenant="acme"), record))
+    unanswered = (f"the shards of twins z1 left their swap to {new.ref} unanswered for 5 s (hung or stalled): each "
+                  "takes it when its shard gets to it, unless another swap moved the twin meanwhile, and runs the "
+                  "version it ran until then")
+    assert ([s.asset_id for s in outcome.states], outcome.refused) == (["z2"], {})
+    assert outcome.unfinished == (f"{unanswered}; the service's next start swaps those still behind to {new.ref} if "
+                                  "that is production")
+    assert audited == [{"swapped": ["z2"], "refused": {}, "unfinished": outcome.unfinished}]
+    assert live.twins_of_model("acme", "zone", running=old.ref) == ["z1"]
+
+    [started] = finish_interrupted_swaps(lc, models, "acme", AuditLog(str(tmp_path / "store")), timeout_s=5.0).values()
+    assert (started.states, started.refused, started.unfinished) == ([], {}, unanswered)
+    assert f"event=interrupted_swap_unfinished tenant=acme model={new.ref}: {unanswered}" in caplog.text
+
 
 def test_shadow_resumes_after_a_shard_restart_with_the_uninterrupted_statistics(tmp_path, versions):
     """A shard restarted mid-evaluation (a new shard on the store, what Ray's restart runs) resumes the
