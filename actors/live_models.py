@@ -84,18 +84,19 @@ class LiveModels:
         could miss a swap landing between them)."""
         return self.twins_of_model(tenant, ref.partition("@")[0], running=ref, timeout_s=timeout_s)
 
-    def start_shadow(self, tenant: str, candidate: ModelArtifact, *, events: int,
-                     asset_ids: list[str] | None = None, sample: int | None = None) -> tuple[str, list[str]]:
+    def start_shadow(self, tenant: str, candidate: ModelArtifact, *, events: int, asset_ids: list[str] | None = None,
+                     sample: int | None = None, timeout_s: float | None = None) -> tuple[str, list[str]]:
         """Score `candidate` beside production on the next `events` events of each twin in `asset_ids`,
         or of a sample of `sample` twins running a version of its model (a stable pseudo-random pick);
         returns (run id, the twins sampled). Refused while an evaluation of `candidate` runs, and for twins
         that do not exist (`UnknownTwin`) or run another model (`actors.shadow.ShadowRefused`): checked on
-        every shard before any starts."""
+        every shard before any starts. `GetTimeoutError` when a shard leaves a call unanswered for `timeout_s` (each
+        step's; a hung shard hung the caller): in the start itself, the shards that answered run the evaluation."""
         if (asset_ids is None) == (sample is None):
             raise ValueError("give either asset_ids or sample (how many of the model's twins to shadow)")
         run_id = uuid.uuid4().hex[:16]
         if asset_ids is None:
-            pool = self.twins_of_model(tenant, candidate.name)
+            pool = self.twins_of_model(tenant, candidate.name, timeout_s=timeout_s)
             pool.sort(key=lambda a: zlib.crc32(f"{run_id}/{a}".encode()))
             asset_ids = sorted(pool[:sample])
         if not asset_ids:
@@ -104,17 +105,21 @@ class LiveModels:
         for a in asset_ids:
             by_shard.setdefault(shard_index(tenant, a, len(self.handles)), []).append(a)
         models = {a: m for part in ray.get([self.handles[i].twin_models.remote(tenant, ids)
-                                            for i, ids in by_shard.items()]) for a, m in part.items()}
+                                            for i, ids in by_shard.items()], timeout=timeout_s)
+                  for a, m in part.items()}
         if missing := sorted(set(asset_ids) - set(models)):
             raise UnknownTwin(f"no twin {', '.join(missing)} for tenant {tenant!r}")
         refuse_foreign(models, candidate)
         body = candidate.model_dump(mode="json")
-        ray.get([self.handles[i].start_shadow.remote(run_id, tenant, ids, body, events) for i, ids in by_shard.items()])
+        ray.get([self.handles[i].start_shadow.remote(run_id, tenant, ids, body, events) for i, ids in by_shard.items()],
+                timeout=timeout_s)
         return run_id, sorted(asset_ids)
 
-    def shadow(self, tenant: str, ref: str) -> ShadowReport:
-        """The evaluation of candidate `ref` so far (`UnknownShadow` if none runs)."""
-        found = [r for r in ray.get([h.shadow_report.remote(tenant, ref) for h in self.handles]) if r is not None]
+    def shadow(self, tenant: str, ref: str, timeout_s: float | None = None) -> ShadowReport:
+        """The evaluation of candidate `ref` so far (`UnknownShadow` if none runs); `GetTimeoutError` when a shard
+        leaves it unanswered for `timeout_s`."""
+        found = [r for r in ray.get([h.shadow_report.remote(tenant, ref) for h in self.handles], timeout=timeout_s)
+                 if r is not None]
         if not found:
             raise UnknownShadow(f"no shadow evaluation of {ref} for tenant {tenant!r}: start one first")
         twins = sorted((t for _, part in found for t in part), key=lambda t: t.asset_id)
@@ -125,13 +130,16 @@ class LiveModels:
         return ShadowReport(run_id=found[0][0], candidate_ref=ref, target_events=twins[0].target_events,
                             done=all(t.done for t in twins), comparison=compare(production, candidate), twins=twins)
 
-    def shadows_running(self) -> list[tuple[str, str]]:
-        """The (tenant, candidate ref) of every evaluation running, of every tenant."""
-        return sorted({key for part in ray.get([h.shadows_running.remote() for h in self.handles]) for key in part})
+    def shadows_running(self, timeout_s: float | None = None) -> list[tuple[str, str]]:
+        """The (tenant, candidate ref) of every evaluation running, of every tenant; `GetTimeoutError` when a shard
+        leaves it unanswered for `timeout_s`."""
+        return sorted({key for part in ray.get([h.shadows_running.remote() for h in self.handles], timeout=timeout_s)
+                       for key in part})
 
-    def stop_shadow(self, tenant: str, ref: str) -> bool:
-        """End the evaluation of `ref` (False: none ran)."""
-        return any(ray.get([h.stop_shadow.remote(tenant, ref) for h in self.handles]))
+    def stop_shadow(self, tenant: str, ref: str, timeout_s: float | None = None) -> bool:
+        """End the evaluation of `ref` (False: none ran); `GetTimeoutError` when a shard leaves it unanswered for
+        `timeout_s` (the shards that answered ended theirs)."""
+        return any(ray.get([h.stop_shadow.remote(tenant, ref) for h in self.handles], timeout=timeout_s))
 
     def swap(self, tenant: str, artifact: ModelArtifact, at: datetime, asset_ids: list[str] | None = None, *,
              marks: dict[str, SwapMark] | None = None, timeout_s: float | None = None) -> SwapOutcome:

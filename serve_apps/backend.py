@@ -932,7 +932,8 @@ class Backend:
             log.warning("event=connector_supervise_failed", exc_info=True)
 
     def _conclude_shadows(self) -> None:
-        """Every `SHADOW_CONCLUDE_S` (a daemon thread of its own: a shard that hangs holds up only this): record the
+        """Every `SHADOW_CONCLUDE_S` (a daemon thread of its own; a shard that leaves its reads unanswered past
+        `shard_read_timeout_s` fails the round, logged, and the next tries again): record the
         shadow evaluations that finished on the lifecycle log (`serve_apps.shadow_conclusions`), the service's
         write, not a reader's; one that fails (the store down) is tried again next time. Until `close`; none while
         another service holds the store (`check_writable`): the successor records them."""
@@ -940,7 +941,7 @@ class Backend:
             try:
                 self.check_writable()
                 conclude_running(self.twins.models, lambda tenant: ModelLifecycle(self._registry(tenant)),
-                                 self.audit, self._concluded)
+                                 self.audit, self._concluded, self.config.shard_read_timeout_s)
             except StoreFenced:  # the fence watch exports and logs it
                 continue
             except Exception:  # noqa: BLE001 - the next round tries again; the evaluations keep their state meanwhile

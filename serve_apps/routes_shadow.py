@@ -3,7 +3,9 @@ tenant's twins when a version is promoted (called by the lifecycle routes).
 
 The ingress talks to the twin shards directly (`actors.live_models.LiveModels` over the shard
 actors looked up by name, as `serve_apps.twin_reads` does), and to the lifecycle in the tenant's
-registry; neither needs the Backend deployment.
+registry; neither needs the Backend deployment. Every call to the shards waits `shard_read_timeout_s` at most: a
+shard that leaves one unanswered (hung or stalled) is 503 `twin_unavailable` with `Retry-After`, not a request held
+forever (a promotion's swap answers what it did instead: `serve_apps.promotions`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import ray
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
+from ray.exceptions import GetTimeoutError
 from starlette.concurrency import run_in_threadpool
 
 from actors.live_models import LiveModels, ShadowReport, SwapOutcome, UnknownShadow
@@ -77,9 +80,16 @@ def live_models(svc: Services) -> LiveModels:
 
 
 async def _live(svc: Services, call: Callable[[LiveModels], Any]) -> Any:
-    """Run `call` on the live models off the event loop, its refusals turned into API errors."""
+    """Run `call` on the live models off the event loop, its refusals turned into API errors (a shard's call left
+    unanswered within `shard_read_timeout_s`: 503, saying what the shards that answered may have done)."""
     try:
         return await run_in_threadpool(lambda: call(live_models(svc)))
+    except GetTimeoutError:
+        raise TwinUnavailable(
+            f"a twin shard left the evaluation's call unanswered within {svc.config.shard_read_timeout_s:g} s (hung or "
+            f"stalled); retry after {RETRY_AFTER_S} s. A start or stop of an evaluation is applied by the shards that "
+            "answered, and by this one when it gets to it: GET the evaluation before sending it again",
+            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except UnknownShadow as exc:
         raise NotFound(str(unwrap(exc))) from None
     except (ShadowRunning, ShadowRefused) as exc:
@@ -126,7 +136,7 @@ def _record_if_finished(models: LiveModels, lc: ModelLifecycle, svc: Services, t
                         request: Request) -> None:
     """Record the evaluation of `ref`, if one runs and is done, before a DELETE ends it."""
     try:
-        report = models.shadow(tenant, ref)
+        report = models.shadow(tenant, ref, svc.config.shard_read_timeout_s)
     except UnknownShadow:  # none: the DELETE answers 404
         return
     record_finished(report, lc, svc.audit, tenant, getattr(request.state, "request_id", None))
@@ -156,8 +166,9 @@ def register(app: FastAPI) -> None:
         artifact = await _call(lc.registry.get, ref)
         async with svc.audited(request, who, "model.shadow_start", ref, asset_ids=body.asset_ids, sample=body.sample,
                                events=body.events) as outcome:
-            run_id, ids = await _live(svc, lambda m: m.start_shadow(who.tenant, artifact, events=body.events,
-                                                                    asset_ids=body.asset_ids, sample=body.sample))
+            run_id, ids = await _live(svc, lambda m: m.start_shadow(
+                who.tenant, artifact, events=body.events, asset_ids=body.asset_ids, sample=body.sample,
+                timeout_s=svc.config.shard_read_timeout_s))
             outcome.update(run_id=run_id, asset_ids=ids, events=body.events)
         return ShadowStarted(run_id=run_id, candidate_ref=ref, asset_ids=ids, events=body.events)
 
@@ -169,7 +180,7 @@ def register(app: FastAPI) -> None:
         system principal (once per run, within seconds; `recorded`). A read writes nothing. A candidate archived
         meanwhile gets no evidence (`not_recorded` says so), and the report is still read."""
         ref, lc = f"{model}@{version}", _lifecycle(svc, who.tenant)
-        report: ShadowReport = await _live(svc, lambda m: m.shadow(who.tenant, ref))
+        report: ShadowReport = await _live(svc, lambda m: m.shadow(who.tenant, ref, svc.config.shard_read_timeout_s))
         archived, logged = await _call(evaluation_log, lc, ref)
         if archived:
             return ShadowStatus(report=report, recorded=[], not_recorded=(
@@ -186,6 +197,6 @@ def register(app: FastAPI) -> None:
         ref, lc = f"{model}@{version}", _lifecycle(svc, who.tenant)
         async with svc.audited(request, who, "model.shadow_stop", ref):
             await _live(svc, lambda m: _record_if_finished(m, lc, svc, who.tenant, ref, request))
-            if not await _live(svc, lambda m: m.stop_shadow(who.tenant, ref)):
+            if not await _live(svc, lambda m: m.stop_shadow(who.tenant, ref, svc.config.shard_read_timeout_s)):
                 raise NotFound(f"no shadow evaluation of {ref}")
 

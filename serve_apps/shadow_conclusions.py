@@ -48,12 +48,13 @@ def record_finished(report: ShadowReport, lifecycle: ModelLifecycle, audit: Audi
 
 
 def conclude_running(models: LiveModels, lifecycle_of: Callable[[str], ModelLifecycle], audit: AuditLog,
-                     concluded: set[str]) -> None:
+                     concluded: set[str], timeout_s: float | None = None) -> None:
     """`record_finished` for every evaluation running, each finished run once per process (`concluded`: their run
-    ids, so that one left running is not read from the log again and again)."""
-    for tenant, ref in models.shadows_running():
+    ids, so that one left running is not read from the log again and again). `GetTimeoutError` when a shard leaves a
+    read unanswered for `timeout_s` (a hung shard hung the caller's thread for good): the next round tries again."""
+    for tenant, ref in models.shadows_running(timeout_s):
         try:
-            report = models.shadow(tenant, ref)
+            report = models.shadow(tenant, ref, timeout_s)
         except UnknownShadow:  # stopped meanwhile
             continue
         if report.done and report.run_id not in concluded:

@@ -2546,10 +2546,10 @@ class FinishedShadows:
         self.runs = runs
         self.production, self.candidate = InnovationStats(5, 5, 5, 9.0, 5.0, -20.0), InnovationStats(5, 5, 5, 5.5, 1.0, -5.0)
 
-    def shadows_running(self) -> list[tuple[str, str]]:
+    def shadows_running(self, timeout_s: float | None = None) -> list[tuple[str, str]]:
         return [("acme", ref) for ref in self.runs]
 
-    def shadow(self, tenant: str, ref: str):
+    def shadow(self, tenant: str, ref: str, timeout_s: float | None = None):
         from actors.live_models import ShadowReport, UnknownShadow
         from actors.shadow import ShadowTwinReport
         from raytwin.shadow import compare
@@ -2563,7 +2563,7 @@ class FinishedShadows:
         return ShadowReport(run_id=self.runs[ref], candidate_ref=ref, target_events=5, done=True,
                             comparison=compare(p, c), twins=[twin])
 
-    def stop_shadow(self, tenant: str, ref: str) -> bool:
+    def stop_shadow(self, tenant: str, ref: str, timeout_s: float | None = None) -> bool:
         return self.runs.pop(ref, None) is not None
 
 

@@ -498,6 +498,39 @@ def test_a_shard_hung_on_a_swap_leaves_the_promotion_unfinished_and_said_not_hun
     assert f"event=interrupted_swap_unfinished tenant=acme model={new.ref}: {unanswered}" in caplog.text
 
 
+def test_a_hung_shard_makes_the_shadow_routes_503_and_the_conclusion_round_fail_not_hang(tmp_path, monkeypatch):
+    """`LiveModels`' shadow calls waited on every shard without a deadline: one hung shard held each start, read and
+    stop of an evaluation for good (an admission slot each) and the backend's conclusion thread. Within
+    `shard_read_timeout_s` the routes answer 503 `twin_unavailable` with `Retry-After`, and the round fails (logged by
+    the backend, tried again next round)."""
+    from ray.exceptions import GetTimeoutError
+
+    from actors.live_models import LiveModels
+    from serve_apps import routes_shadow
+    from serve_apps.audit import AuditLog
+    from serve_apps.shadow_conclusions import conclude_running
+    from tests.fixtures_serve import in_process
+
+    registry = ModelRegistry(str(tmp_path / "store" / "registry" / "acme"))
+    lc = ModelLifecycle(registry)
+    lc.submit(registry.register("zone", "1.0.1", AssetType.from_model(THERMAL_RC)).ref,
+              Actor(id="alice", tenant="acme"), "fitted")
+    models = LiveModels([Hung()])
+    monkeypatch.setattr("ray.get", hung_get)
+    monkeypatch.setattr(routes_shadow, "live_models", lambda svc: models)
+    url = "/v1/models/zone/versions/1.0.1/shadow"
+    with in_process(SimpleNamespace(check_writable=lambda: None), tmp_path) as (http, auth, svc):
+        answers = [http.get(url, headers=auth["reader"]),
+                   http.post(url, json={"events": 5, "sample": 1}, headers=auth["writer"]),
+                   http.delete(url, headers=auth["writer"])]
+    for answer in answers:
+        assert (answer.status_code, answer.json()["error"]["code"], answer.headers.get("Retry-After")) == (
+            503, "twin_unavailable", "2"), answer.text
+        assert "unanswered within 5 s" in answer.json()["error"]["message"]
+    with pytest.raises(GetTimeoutError):
+        conclude_running(models, lambda tenant: lc, AuditLog(str(tmp_path / "store")), set(), timeout_s=5.0)
+
+
 def test_shadow_resumes_after_a_shard_restart_with_the_uninterrupted_statistics(tmp_path, versions):
     """A shard restarted mid-evaluation (a new shard on the store, what Ray's restart runs) resumes the
     shadow from its checkpoint and the event log: its statistics equal those of a shard that never
