@@ -148,11 +148,13 @@ class LiveModels:
         applies; a twin that cannot take it (`actors.swap.SwapRefused`) keeps its model and is named
         in `refused` with the reason. `marks` (`swap_marks` as read): each twin only while still at its mark, so that
         a swap planned on a read does not undo one that landed since (refused). Answers wait `timeout_s` in all (a
-        hung shard hung the swap's caller): twins whose shard left theirs unanswered are named in `unfinished`."""
+        hung shard hung the swap's caller): twins whose shard left theirs unanswered are named in `unfinished` (the
+        read of the twins, without `asset_ids` or `marks`, raises `GetTimeoutError` instead: none was asked)."""
         if at.tzinfo is None:
             raise ValueError("the swap boundary needs a timezone-aware datetime")
         if asset_ids is None:
-            asset_ids = list(marks) if marks is not None else self.twins_of_model(tenant, artifact.name)
+            asset_ids = list(marks) if marks is not None else self.twins_of_model(tenant, artifact.name,
+                                                                                  timeout_s=timeout_s)
         body, at_us = artifact.model_dump(mode="json"), to_micros(at)
         refs = {a: self._shard(tenant, a).swap_model.remote(tenant, a, body, at_us, (marks or {}).get(a))
                 for a in asset_ids}

@@ -467,8 +467,10 @@ def test_a_shard_hung_on_a_swap_leaves_the_promotion_unfinished_and_said_not_hun
     """`LiveModels.swap` waited on each twin's swap without a deadline: a shard that hung between the read of the
     twins and their swap hung the promotion's answer (recorded already) and the backend's start. Within
     `shard_read_timeout_s` the twins that answered are swapped and named, the unanswered one in `unfinished`
-    (audited), by the route and by the start alike."""
+    (audited), by the route and by the start alike; a swap that reads the twins itself raises past it."""
     import asyncio
+
+    from ray.exceptions import GetTimeoutError
 
     from actors.live_models import LiveModels
     from serve_apps import routes_shadow
@@ -496,6 +498,8 @@ def test_a_shard_hung_on_a_swap_leaves_the_promotion_unfinished_and_said_not_hun
     [started] = finish_interrupted_swaps(lc, models, "acme", AuditLog(str(tmp_path / "store")), timeout_s=5.0).values()
     assert (started.states, started.refused, started.unfinished) == ([], {}, unanswered)
     assert f"event=interrupted_swap_unfinished tenant=acme model={new.ref}: {unanswered}" in caplog.text
+    with pytest.raises(GetTimeoutError):  # a swap of every twin of the model: its read of them, unanswered
+        LiveModels([Hung()]).swap("acme", new, T0, timeout_s=5.0)
 
 
 def test_a_hung_shard_makes_the_shadow_routes_503_and_the_conclusion_round_fail_not_hang(tmp_path, monkeypatch):
