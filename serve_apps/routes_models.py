@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
+from ray.exceptions import GetTimeoutError
 from starlette.concurrency import run_in_threadpool
 
 from raytwin.lifecycle import (
@@ -47,6 +48,7 @@ from serve_apps.conditional import CONDITIONAL_READ, LIFECYCLE_ETAG, NOT_MODIFIE
 from serve_apps.deps import ADMIN, READER, SVC, WRITABLE, WRITABLE_NOW, WRITER, IdPath, Services
 from serve_apps.errors import (CONFLICT, BadRequest, Conflict, Forbidden, NotFound, PreconditionFailed,
                                Unprocessable, unwrap)
+from serve_apps.shard_deadline import RETRY_AFTER_S, TwinUnavailable
 from sweeps.runs import RunError, RunStore
 
 ModelName = IdPath
@@ -291,12 +293,20 @@ async def _answer(svc: Services, request: Request, who: Principal, record: Trans
 
 async def _refuse_partial_fit(svc: Services, who: Principal, lc: ModelLifecycle, model: str, version: str) -> None:
     """409 for promoting a version fitted on some twins' telemetry while other twins run the model
-    (`raytwin.lifecycle.partial_fit_refusal`, which the offline CLI checks too)."""
+    (`raytwin.lifecycle.partial_fit_refusal`, which the offline CLI checks too); 503 `twin_unavailable` when a twin
+    shard leaves the read of its twins unanswered within `shard_read_timeout_s` (it hung the request; nothing is
+    recorded yet)."""
     from serve_apps.routes_shadow import live_models
 
-    records = await _call(lc.records, model)
-    refusal = await run_in_threadpool(partial_fit_refusal, records, f"{model}@{version}",
-                                      lambda: live_models(svc).twins_of_model(who.tenant, model), 'send "fleet": true')
+    records, timeout_s = await _call(lc.records, model), svc.config.shard_read_timeout_s
+    try:
+        refusal = await run_in_threadpool(partial_fit_refusal, records, f"{model}@{version}", lambda: live_models(
+            svc).twins_of_model(who.tenant, model, timeout_s=timeout_s), 'send "fleet": true')
+    except GetTimeoutError:
+        raise TwinUnavailable(f"a twin shard left the read of which twins run {model} unanswered within {timeout_s:g} "
+                              f"s (hung or stalled), needed to promote {model}@{version}, fitted on some twins' "
+                              f"telemetry: nothing was recorded; retry after {RETRY_AFTER_S} s",
+                              headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     if refusal is not None:
         raise Conflict(refusal)
 

@@ -535,6 +535,30 @@ def test_a_hung_shard_makes_the_shadow_routes_503_and_the_conclusion_round_fail_
         conclude_running(models, lambda tenant: lc, AuditLog(str(tmp_path / "store")), set(), timeout_s=5.0)
 
 
+def test_a_hung_shard_makes_a_partial_fits_promotion_503_before_anything_is_recorded(tmp_path, monkeypatch):
+    """Promoting a version fitted on some twins' telemetry reads which twins run the model (to refuse it over the
+    others without `"fleet"`) with no deadline: a hung shard held the request. Within `shard_read_timeout_s` it is 503
+    `twin_unavailable` with `Retry-After`, and the version's stage is untouched."""
+    import asyncio
+
+    from actors.live_models import LiveModels
+    from raytwin.lifecycle import Evidence
+    from raytwin.recalibration import DriftTrigger
+    from serve_apps import routes_models, routes_shadow
+    from serve_apps.shard_deadline import TwinUnavailable
+
+    registry = ModelRegistry(str(tmp_path / "models"))
+    lc, fitted = ModelLifecycle(registry), registry.register("zone", "1.0.1", AssetType.from_model(THERMAL_RC))
+    trigger = DriftTrigger(seq=1, asset_id="z1", type_name="zone", type_version="1.0.0", event_time=None,
+                           drift_score=2.0, nis_mean=3.0, nis_last=3.0)
+    lc.submit(fitted.ref, Actor(id="recalibration", tenant="acme"), "drift", Evidence(triggers=[trigger]))
+    monkeypatch.setattr("ray.get", hung_get)
+    monkeypatch.setattr(routes_shadow, "live_models", lambda svc: LiveModels([Hung()]))
+    with pytest.raises(TwinUnavailable, match="unanswered within 5 s .* nothing was recorded") as refused:
+        asyncio.run(routes_models._refuse_partial_fit(_svc(None), SimpleNamespace(tenant="acme"), lc, "zone", "1.0.1"))
+    assert refused.value.headers == {"Retry-After": "2"} and lc.stage(fitted.ref) == "candidate"
+
+
 def test_shadow_resumes_after_a_shard_restart_with_the_uninterrupted_statistics(tmp_path, versions):
     """A shard restarted mid-evaluation (a new shard on the store, what Ray's restart runs) resumes the
     shadow from its checkpoint and the event log: its statistics equal those of a shard that never
