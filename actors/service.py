@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterable
 from datetime import date, datetime
 from typing import Any
@@ -260,10 +261,12 @@ class TwinService:
         metrics.STALE_READS.inc(read="state")
         return state
 
-    def states(self, tenant: str, asset_ids: list[str], batch: int = STATES_BATCH) -> list[TwinState]:
+    def states(self, tenant: str, asset_ids: list[str], batch: int = STATES_BATCH,
+               timeout_s: float | None = None) -> list[TwinState]:
         """`state` of each of the tenant's twins among `asset_ids` (unknown ones left out), with one call per shard
         for each `batch` of its twins, all sent at once, rather than one per twin; the twins of a shard that
-        restarts, their last durable states (`stale=True`)."""
+        restarts, their last durable states (`stale=True`). `GetTimeoutError` when a live shard leaves a call
+        unanswered for `timeout_s` (a hung one held the caller for good)."""
         by_shard: dict[int, list[str]] = {}
         for asset_id in asset_ids:
             by_shard.setdefault(shard_index(tenant, asset_id, self.router.shards), []).append(asset_id)
@@ -271,22 +274,26 @@ class TwinService:
         refs = [shard.full_states.remote(tenant, ids) for shard, ids in calls]
         out: list[TwinState] = []
         for (shard, ids), ref in zip(calls, refs, strict=True):
-            if (found := self._live(shard, ref)) is _RESTARTING:
+            if (found := self._live(shard, ref, timeout_s)) is _RESTARTING:
                 log.info("event=stale_read tenant=%s assets=%d", tenant, len(ids))
                 found = [s for s in (durable_state(self.store, tenant, a) for a in ids) if s is not None]
                 metrics.STALE_READS.inc(len(found), read="state")
             out.extend(found)
         return out
 
-    def _live(self, shard: Any, ref: Any) -> Any:
+    def _live(self, shard: Any, ref: Any, timeout_s: float | None = None) -> Any:
         """The answer of `shard` to the call `ref`, `_RESTARTING` once the shard is found restarting (a busy shard
-        that is alive is waited for, however long)."""
+        that is alive is waited for `timeout_s`, then `GetTimeoutError`; however long without one)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             try:
-                return ray.get(ref, timeout=self.stale_after_s)
+                return ray.get(ref, timeout=self.stale_after_s if deadline is None else
+                               max(0.0, min(self.stale_after_s, deadline - time.monotonic())))
             except ray.exceptions.GetTimeoutError:
                 if actor_restarting(shard):
                     return _RESTARTING
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
             except ray.exceptions.ActorUnavailableError:  # refused by the restarting shard (its call retries spent)
                 return _RESTARTING
 

@@ -750,10 +750,11 @@ class Backend:
 
     def _live_states(self, tenant: str, asset_ids: list[str] | None = None) -> list[TwinState]:
         """The state of each of the tenant's twins (of `asset_ids`, if given), less those deleted meanwhile: one shard
-        call per shard and `actors.service.STATES_BATCH` twins (`TwinService.states`), not one per twin."""
+        call per shard and `actors.service.STATES_BATCH` twins (`TwinService.states`), not one per twin; each within
+        `shard_read_timeout_s` (a hung shard held the change-following thread, every tenant's, for good)."""
         if asset_ids is None:
             asset_ids = self.twins.assets(tenant, self.config.shard_read_timeout_s)
-        return self.twins.states(tenant, asset_ids)
+        return self.twins.states(tenant, asset_ids, timeout_s=self.config.shard_read_timeout_s)
 
     def _publish_twins(self, tenant: str, states: list[TwinState], skip_applying: bool = False) -> None:
         """One `twin.state` change per twin whose revision moved past the last one recorded, plus

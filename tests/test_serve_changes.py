@@ -1091,7 +1091,7 @@ class _Shard:
     def assets(self, tenant, timeout_s=None):
         return ["zone-3"]
 
-    def states(self, tenant, asset_ids):
+    def states(self, tenant, asset_ids, timeout_s=None):
         return [self.state(tenant, a) for a in asset_ids if a == "zone-3"]
 
     def marks(self, tenant, timeout_s=None):
@@ -1231,7 +1231,7 @@ def test_a_connectors_readings_are_recorded_by_the_backends_pass_once_and_not_wh
     backend.apply("acme", _batch(10))  # through the API: recorded with its call
     assert not backend._applying
     read, states = [], shard.states
-    shard.states = lambda tenant, ids: read.append(list(ids)) or states(tenant, ids)
+    shard.states = lambda tenant, ids, timeout_s: read.append(list(ids)) or states(tenant, ids)
     shard.seen |= set(range(10, 15))  # a connector's batch, applied by the shards directly, raised the drift flag
     shard.drift = True
 
@@ -1456,17 +1456,20 @@ def test_a_tenant_whose_catch_up_is_retried_holds_back_its_own_connector_changes
 class _ShardHandles:
     """Stand-ins for the actor handles of `shards` twin shards holding `twins` (tenant acme): `full_states.remote`
     answers at once (`ray.get` of its answer is itself, `_without_ray`) and `calls[i]` lists the ids each call to
-    shard i asked for; shards in `restarting` refuse (`ActorUnavailableError`). No `state`: a call per twin fails."""
+    shard i asked for; shards in `restarting` refuse (`ActorUnavailableError`), those `hung` never answer (every wait
+    for them times out). No `state`: a call per twin fails."""
 
-    def __init__(self, shards: int, twins: dict, restarting: frozenset = frozenset()):
+    def __init__(self, shards: int, twins: dict, restarting: frozenset = frozenset(), hung: frozenset = frozenset()):
         from types import SimpleNamespace
 
-        from ray.exceptions import ActorUnavailableError
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError
 
         def full_states(i: int, tenant: str, ids: list[str]):
             self.calls[i].append(list(ids))
             if i in restarting:
                 return ActorUnavailableError("restarting", None)
+            if i in hung:
+                return GetTimeoutError("Get timed out: some object(s) not ready")
             return [twins[a] for a in ids if tenant == "acme" and a in twins]
 
         self.calls: list[list[list[str]]] = [[] for _ in range(shards)]
@@ -1499,6 +1502,34 @@ def _thermal(asset_id: str, revision: int, drift: bool = False):
     return TwinState(tenant="acme", asset_id=asset_id, model_ref="thermal_rc@1.0.0", revision=revision,
                      event_time=None, state={"T": 20.0}, std={"T": 0.1}, covariance=[[0.01]], divergence=divergence,
                      events_applied=revision)
+
+
+def test_a_hung_shard_fails_the_catch_up_past_the_shard_read_deadline_not_holds_it(tmp_path, monkeypatch):
+    """The catch-up read the twins' states (`TwinService.states`) waiting on a live shard however long: one that hung
+    after answering its marks held the thread that follows every tenant's changes for good. Past
+    `shard_read_timeout_s` it fails (`GetTimeoutError`): its caller logs it and tries again next pass."""
+    from ray.exceptions import GetTimeoutError
+
+    from actors.routing import shard_index
+
+    twins = {f"zone-{i}": _thermal(f"zone-{i}", revision=1) for i in range(8)}
+    assert {shard_index("acme", a, 2) for a in twins} == {0, 1}
+    shards = _ShardHandles(2, twins, hung=frozenset({1}))
+    backend = _backend_over(_Shard(), ChangeLog(str(tmp_path)))
+    backend.twins = _without_ray(monkeypatch, shards)
+    backend.twins.assets = lambda tenant, timeout_s=None: sorted(twins)
+    backend.config.shard_read_timeout_s = 0.0  # past at the first wait: no clock in the test
+    waits = []
+
+    def restarting(shard) -> bool:  # a hung shard is alive, not restarting
+        waits.append(shard)
+        assert len(waits) < 3, "the catch-up waits on a hung shard without end"
+        return False
+
+    monkeypatch.setattr("actors.service.actor_restarting", restarting)
+    with pytest.raises(GetTimeoutError):
+        backend._catch_up("acme")
+    assert waits == [shards.handles[1]]
 
 
 def test_the_catch_up_reads_the_twins_in_one_shard_call_per_batch_not_one_per_twin(tmp_path, monkeypatch):
