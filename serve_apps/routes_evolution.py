@@ -87,6 +87,10 @@ async def check_sender_version(svc: Services, tenant: str, asset_id: str, asset_
                       "telemetry_policy": "refuse"}])
 
 
+MIGRATION_LOST = "read the asset before sending it again: its type_version says whether the migration was applied"
+"""What a client should do when the process applying a migration was lost meanwhile (`TwinReader.write`'s 503)."""
+
+
 def register(app: FastAPI) -> None:
     @app.post("/v1/assets/{asset_id}/migrate", response_model=MigrationResult, tags=["assets"],
               responses=with_etag({}, 200))
@@ -99,7 +103,8 @@ def register(app: FastAPI) -> None:
         name. 422 names every unmapped state and unconvertible unit; `If-Match` makes it conditional."""
         async with svc.audited(request, who, "asset.migrate", asset_id, to_version=body.type_version,
                                mapping=body.model_dump(mode="json")) as outcome:
-            result = await svc.backend.call("evolution", "migrate", who.tenant, asset_id, body, pre)
+            result = await svc.twins.write(who.tenant, asset_id, lambda: svc.backend.call(
+                "evolution", "migrate", who.tenant, asset_id, body, pre), svc.twins.create_timeout_s, MIGRATION_LOST)
             svc.twins.forget(who.tenant, asset_id)
             outcome.update({key: result[key] for key in ("from_version", "to_version", "state_before", "state_after",
                                                          "twin_revision")})

@@ -2567,6 +2567,28 @@ class FinishedShadows:
         return self.runs.pop(ref, None) is not None
 
 
+def test_a_migration_its_twin_shard_leaves_unanswered_is_503_not_a_request_held(tmp_path):
+    """POST /v1/assets/{id}/migrate waited on the backend's migration of the twin without a deadline, unlike the other
+    asset writes: a hung shard held the request (an admission slot) for good. Past `shard_create_timeout_s` it is 503
+    `twin_unavailable` with `Retry-After`, saying to read the asset before repeating the change."""
+    import asyncio
+
+    from tests.fixtures_serve import in_process
+
+    class HungMigration:
+        check_writable = staticmethod(lambda: None)
+
+        async def evolution(self, op, tenant, asset_id, body, pre):
+            await asyncio.sleep(1.0)  # the shard answers long after the deadline the test sets
+            return {}
+
+    with in_process(HungMigration(), tmp_path) as (http, auth, svc):
+        svc.twins.create_timeout_s = 0.05
+        r = http.post("/v1/assets/room-1/migrate", json={"type_version": "2.0.0"}, headers=auth["admin"])
+    assert (r.status_code, r.json()["error"]["code"], r.headers.get("Retry-After")) == (503, "twin_unavailable", "2")
+    assert "read the asset before repeating another change" in r.json()["error"]["message"]
+
+
 def test_reading_a_finished_shadow_evaluation_writes_nothing_the_service_records_it(tmp_path, monkeypatch):
     """A reader's GET of a finished evaluation wrote its evidence to the lifecycle log and audit records under the
     reader's key. The backend records it (`conclude_running`), a writer's DELETE before it ends one; a GET reads."""
