@@ -138,7 +138,8 @@ def _saves_claimed(claimed: Command, same: bool) -> bool:
     approver claims and sends it right after saving it, and a read of the record from before that save put
     *approved* back over *sending* or *sent* (a refusal and an approval racing): the asset's answer was then dropped
     and a restart failed it as "not sent", inviting a second proposal of what was sent. Left proposed, that approval's
-    record waits for its approver's retry (which sends it), and every other decision is refused meanwhile."""
+    record waits for its approver's retry (which sends it), and every other decision is refused meanwhile; a delete of
+    its connector, which no retry reaches after, saves and settles it (`settle_deleted`)."""
     return same or claimed.status is CommandStatus.refused
 
 
@@ -379,6 +380,20 @@ class CommandLedger:
             return earlier
         return self._save(decided)
 
+    def _unsaved_approval(self, command: Command) -> Command | None:
+        """The approval claimed for `command`, read proposed (`_decide`), whose record its connector's actor stopped
+        before saving, for a delete (`settle_deleted`): only its approver's retry saves it otherwise, and that retry
+        finds no connector once it is deleted, so the command stayed proposed and every refusal lost to the claim.
+        Saved over the record read (unlike another decider's read, `_saves_claimed`) as the delete stopped the actor
+        first, which alone saves and sends approvals; read again just before, the record still proposed."""
+        try:
+            claimed = Command.model_validate_json(self.fs.cat_file(self._decision(command.tenant, command.id)))
+        except FileNotFoundError:
+            return None
+        if claimed.status is not CommandStatus.approved:
+            return None
+        return claimed if self.get(command.tenant, command.id).status is CommandStatus.proposed else None
+
     def claim(self, tenant: str, command_id: str, connector: str) -> Command:
         """approved -> sending, persisted before anything is sent; refuses anything else (never twice)."""
         command = self.get(tenant, command_id)
@@ -448,10 +463,11 @@ class CommandLedger:
         """Settle the commands of `connector`, being deleted: no process of it will send, answer or expire them any
         more, and each would stay open for good. By ``system``, each detail naming the delete, each in `audited`'s
         context: a proposed one is refused, the one decision claimed as any (one decided meanwhile keeps that decision,
-        its decider settles it); one it held is failed or acknowledged as a restart would (`recover`), and one sent
-        that its asset has not answered is expired (whether it executed is unknown); no late answer is awaited any
-        more (its connector index emptied). Proposals are not indexed by connector, so the tenant's records are read
-        whole (a delete is rare). Called before the declaration is removed, so a delete cut short and tried again
+        its decider settles it), unless a key's approval was claimed for it and never saved (`_unsaved_approval`): that
+        approval is saved, as its key's, and the command failed "not sent" as any approved one; one it held is failed
+        or acknowledged as a restart would (`recover`), and one sent that its asset has not answered is expired
+        (whether it executed is unknown); no late answer is awaited any more (its connector index emptied). Proposals
+        are not indexed by connector, so the tenant's records are read whole (a delete is rare). Called before the declaration is removed, so a delete cut short and tried again
         finishes it; the commands it settled."""
         self.index(tenant)
         deleted = f"connector {connector!r} was deleted"
@@ -459,6 +475,8 @@ class CommandLedger:
         for c in self._read(tenant, None):
             if c.connector != connector:
                 continue
+            if c.status is CommandStatus.proposed and (approval := self._unsaved_approval(c)):
+                c = self._save(approval)  # its key's decision, then settled as any approved one (not sent)
             if c.status is CommandStatus.proposed:
                 moved = c.moved(CommandStatus.refused, SYSTEM, f"{deleted}: a command proposed through it can no "
                                 "longer be sent; propose it again through another connector")

@@ -5,12 +5,14 @@ before the index too."""
 from __future__ import annotations
 
 import shutil
+from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from connectors.commands import Command, CommandLedger, CommandStatus
+from connectors.commands import Command, CommandError, CommandLedger, CommandStatus
 
 
 class Reads:
@@ -248,3 +250,33 @@ def test_a_deleted_connectors_open_commands_are_settled_by_the_system_each_once(
     ledger.sent(ledger.claim("acme", opcua.id, "o"), 300.0)
     assert [(c.status, c.history[-1].by) for c in ledger.settle_deleted("acme", "o", answered_by_send=True)] == [
         (CommandStatus.acknowledged, "system")]
+
+
+def test_a_deleted_connectors_command_whose_approval_was_claimed_unsaved_is_settled_as_its_keys_approval(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An approval claimed (its decision's exclusive create) and never saved on the record, the connector's actor
+    killed between the two writes, left the command proposed: every refusal lost to the claim, and the approver's
+    retry, the only one to save it, found no connector once it was deleted, so the delete's refusal lost too and it
+    stayed proposed for good. The delete saves the claimed approval, as its key's, and fails it "not sent"."""
+    ledger = CommandLedger(str(tmp_path))
+    command = ledger.propose("acme", "c", "a1", "setpoint", {"x": 1}, by="k1")
+    killed = CommandLedger(str(tmp_path))  # the connector's actor, killed between the claim and the record
+    monkeypatch.setattr(killed, "_save", lambda command: command)
+    killed.approve("acme", command.id, by="k2")
+    with pytest.raises(CommandError, match="was approved by k2 already"):
+        ledger.refuse("acme", command.id, "k3", "unsafe")
+    audited: list[tuple[CommandStatus, str]] = []
+
+    def audit(moved: Command) -> AbstractContextManager[dict[str, Any]]:
+        audited.append((moved.status, moved.history[-1].by))
+        return nullcontext({})
+
+    [settled] = ledger.settle_deleted("acme", "c", audited=audit)
+    assert [(step.status, step.by) for step in settled.history] == [
+        (CommandStatus.proposed, "k1"), (CommandStatus.approved, "k2"), (CommandStatus.failed, "system")]
+    assert settled.approved_by == "k2"
+    assert settled.history[-1].detail == "not sent: connector 'c' was deleted before sending; propose it again"
+    assert audited == [(CommandStatus.failed, "system")]  # the system's act is the settling, not the approval
+    assert ledger.get("acme", command.id) == settled
+    assert ledger.unsettled("acme", "c") == []
+    assert ledger.settle_deleted("acme", "c") == []  # a delete tried again decides nothing twice

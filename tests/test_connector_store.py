@@ -441,6 +441,9 @@ def test_a_deleted_connectors_commands_are_settled_and_audited_as_the_systems(
                                        r"through it; refuse the command \(a refusal needs no connector\), or "
                                        "declare the connector again and approve it"):
         ops.approve("acme", left.id, "k2")
+    with pytest.raises(NotFound, match="no connector 'plant2' for tenant 'acme'"):  # a second delete settles nothing
+        ops.delete("acme", "plant2")
+    assert ledger.get("acme", left.id).status == "proposed"
     assert ops.refuse("acme", left.id, "k2", "its connector is gone")["status"] == "refused"
 
 
