@@ -159,7 +159,10 @@ class Connectors:
         self.ledger = CommandLedger(router.store_url, router.storage_options)
         self._down: dict[tuple[str, str], _Down] = {}
         self._held: _Down | None = None  # why no call starts an actor any more (`hold`)
-        self._starts = threading.Lock()  # a start and `hold`: none starts an actor after `hold` returned
+        # a start, `hold` and a delete's beginning: none starts an actor after `hold` returned, nor once a delete of its
+        # connector began (re-entrant: a delete run within a start's call, as a test interleaves them, does not hang)
+        self._starts = threading.RLock()
+        self._deleting: set[tuple[str, str]] = set()  # connectors whose delete runs: no actor of theirs starts
 
     def create(self, spec: ConnectorSpec | dict[str, Any], credentials: Credentials | None = None) -> ConnectorStatus:
         """Check, store and start a connector (an existing one of that name is replaced and restarted)."""
@@ -279,10 +282,16 @@ class Connectors:
     def _startable(self, tenant: str, name: str) -> None:
         """`ConnectorDown` while the connector is down and not to be tried again yet: no call starts its actor
         then (one refused at start, e.g. for a client id another connector holds, would kick that one off), nor
-        while this object is held (`_unheld`)."""
+        while this object is held (`_unheld`); `UnknownConnector` while it is being deleted (`delete`)."""
+        self._not_deleting(tenant, name)
         if (down := self._down.get((tenant, name))) is not None and time.monotonic() < down.retry_at:
             raise ConnectorDown(name, down.why, down.since)
         self._unheld(tenant, name)
+
+    def _not_deleting(self, tenant: str, name: str) -> None:
+        """`UnknownConnector` while the connector's delete runs (`delete`), as once it is deleted."""
+        if (tenant, name) in self._deleting:
+            raise UnknownConnector(f"no connector {name!r} for tenant {tenant!r}: it is being deleted")
 
     def _unheld(self, tenant: str, name: str) -> None:
         """`ConnectorDown` while this object is held (`hold`) and the connector does not run: none starts then."""
@@ -347,12 +356,19 @@ class Connectors:
     def delete(self, tenant: str, name: str, audited: Settling = unaudited_settlement) -> None:
         """Stop the connector, settle its open commands, each in `audited`'s context (`CommandLedger.settle_deleted`:
         none would ever be sent, answered or expired otherwise), remove its declaration and credentials, discard its
-        session at the source and pass its client id on (`_let_go`)."""
+        session at the source and pass its client id on (`_let_go`). No call starts its actor meanwhile (`_startable`):
+        an approval that did (its approver's retry) sent a command the settling read proposed, and the settling's
+        record ("not sent") could land over it; nor is a command proposed through it (`propose`)."""
         spec = self.spec(tenant, name)
         credentials = self.store.credentials(tenant, name)
-        self._kill(tenant, name)
-        self.ledger.settle_deleted(tenant, name, kind_of(spec.kind).answered_by_send, audited)
-        self.store.delete(tenant, name)
+        with self._starts:  # a start under way has its actor by then, and it is killed below
+            self._deleting.add((tenant, name))
+        try:
+            self._kill(tenant, name)
+            self.ledger.settle_deleted(tenant, name, kind_of(spec.kind).answered_by_send, audited)
+            self.store.delete(tenant, name)
+        finally:
+            self._deleting.discard((tenant, name))
         self._up(tenant, name)
         self._let_go(spec, credentials)
 
@@ -569,12 +585,14 @@ class Connectors:
     # ------------------------------------------------------------------ commands ----
     def propose(self, tenant: str, connector: str, asset_id: str, name: str, value: dict[str, Any],
                 by: str, recommendation_id: str | None = None, command_id: str | None = None) -> Command:
-        """Record a command for an asset this tenant's connector serves; nothing is sent before approval."""
+        """Record a command for an asset this tenant's connector serves; nothing is sent before approval. None for a
+        connector being deleted (`_not_deleting`): its delete settles the proposals it reads, not one made after."""
         spec = self.spec(tenant, connector)
         if self._assets and asset_id not in set(self._assets(tenant)):
             raise UnknownConnector(f"no asset {asset_id!r} for tenant {tenant!r}")
         if problem := kind_of(spec.kind).command_problem(spec, asset_id, name, value):
             raise InvalidConnector(f"command {name!r} for {asset_id}: {problem}")
+        self._not_deleting(tenant, connector)  # last: a delete that begins after it may miss this proposal alone
         return self.ledger.propose(tenant, connector, asset_id, name, value, by, recommendation_id, command_id)
 
     def approve(self, tenant: str, command_id: str, by: str) -> Command:

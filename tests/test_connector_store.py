@@ -447,6 +447,40 @@ def test_a_deleted_connectors_commands_are_settled_and_audited_as_the_systems(
     assert ops.refuse("acme", left.id, "k2", "its connector is gone")["status"] == "refused"
 
 
+def test_no_call_starts_a_connectors_actor_while_its_delete_settles_its_commands(
+        unstarted: Unstarted, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An approval during a connector's delete (its approver's retry, its actor killed) started the actor again and
+    sent the command the delete's settling had read proposed: the settling's "not sent" could land over it; and a
+    proposal after the settling's read stayed proposed. While the delete runs, neither is taken (each answers as once
+    it is deleted); a delete cut short (the store failing) leaves the connector startable, as declared."""
+    from connectors.mqtt import MqttKind
+    from connectors.spec import UnknownConnector
+
+    monkeypatch.setattr(MqttKind, "end_session", lambda self, *args: True)
+    monkeypatch.setattr(MqttKind, "command_problem", lambda self, *args: None)  # (its routes take any command)
+    unstarted.store.save(_mqtt("acme", "plant2", "gw-2"), Credentials())
+    command = unstarted.ledger.propose("acme", "plant2", "pump-1", "setpoint", {"x": 1}, by="k1")
+    settle = unstarted.ledger.settle_deleted
+
+    def approved_meanwhile(*args: Any) -> Any:
+        with pytest.raises(UnknownConnector, match=f"no connector 'plant2' for tenant 'acme': command {command.id} "
+                                                   "cannot be sent through it; refuse the command"):
+            unstarted.approve("acme", command.id, "k2")
+        with pytest.raises(UnknownConnector, match="no connector 'plant2' for tenant 'acme': it is being deleted"):
+            unstarted.propose("acme", "plant2", "pump-1", "setpoint", {"x": 2}, by="k1")
+        raise OSError("store unavailable")
+
+    monkeypatch.setattr(unstarted.ledger, "settle_deleted", approved_meanwhile)
+    with pytest.raises(OSError, match="store unavailable"):
+        unstarted.delete("acme", "plant2")
+    assert unstarted.started == []
+    assert unstarted.status("acme", "plant2").state is ConnectorState.paused  # cut short: declared, started again
+    assert unstarted.started == [("acme", "plant2")]
+    monkeypatch.setattr(unstarted.ledger, "settle_deleted", settle)
+    unstarted.delete("acme", "plant2")
+    assert unstarted.ledger.get("acme", command.id).status == "refused"
+
+
 @pytest.mark.parametrize("change", ["deleted", "declared again"])
 def test_a_supervision_pass_due_while_a_waiting_connector_changes_starts_what_is_declared_after(
         tmp_path: Path, unstarted: Unstarted, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
