@@ -89,6 +89,8 @@ async def check_sender_version(svc: Services, tenant: str, asset_id: str, asset_
 
 MIGRATION_LOST = "read the asset before sending it again: its type_version says whether the migration was applied"
 """What a client should do when the process applying a migration was lost meanwhile (`TwinReader.write`'s 503)."""
+CONDITIONAL_MIGRATION_LOST = "resending it is safe (it is conditional: 412 if it took effect)"
+"""The same for a migration sent with `If-Match`, whose resend its precondition refuses if the first took effect."""
 
 
 def register(app: FastAPI) -> None:
@@ -104,7 +106,8 @@ def register(app: FastAPI) -> None:
         async with svc.audited(request, who, "asset.migrate", asset_id, to_version=body.type_version,
                                mapping=body.model_dump(mode="json")) as outcome:
             result = await svc.twins.write(who.tenant, asset_id, lambda: svc.backend.call(
-                "evolution", "migrate", who.tenant, asset_id, body, pre), svc.twins.create_timeout_s, MIGRATION_LOST)
+                "evolution", "migrate", who.tenant, asset_id, body, pre), svc.twins.create_timeout_s,
+                CONDITIONAL_MIGRATION_LOST if "if-match" in request.headers else MIGRATION_LOST)
             svc.twins.forget(who.tenant, asset_id)
             outcome.update({key: result[key] for key in ("from_version", "to_version", "state_before", "state_after",
                                                          "twin_revision")})
