@@ -362,11 +362,9 @@ class ConnectorRuntime:
         except Exception as exc:
             log.warning("event=command_outcome_write_failed tenant=%s connector=%s command=%s error=%r", self.tenant,
                         self.name, command.id, exc)
-            self._ledger_errors += 1
-            metrics.CONNECTOR_MESSAGES.inc(connector=self.pump.name, outcome="delivery_errors")
-            self._ledger_error = (f"command {command.id}'s send outcome ({'sent' if failure is None else 'failed'}) "
-                                  "could not be recorded on it (tried again every second; it reads sending until "
-                                  f"then): {type(exc).__name__}: {str(exc)[:300]}", datetime.now(UTC))
+            self._ledger_failed(f"command {command.id}'s send outcome ({'sent' if failure is None else 'failed'}) "
+                                "could not be recorded on it (tried again every second; it reads sending until "
+                                f"then): {type(exc).__name__}: {str(exc)[:300]}")
             raise
         del self._unrecorded[correlation_id]
         self._sending.discard(correlation_id)
@@ -445,33 +443,34 @@ class ConnectorRuntime:
         except Exception as exc:  # noqa: BLE001 - a store hiccup: written again at the next tick
             log.warning("event=command_ack_write_failed tenant=%s connector=%s command=%s try=%d error=%r",
                         self.tenant, self.name, answer.command_id, answer.tries, exc)
-            self._ledger_errors += 1
-            metrics.CONNECTOR_MESSAGES.inc(connector=self.pump.name, outcome="delivery_errors")
             why = f"{type(exc).__name__}: {str(exc)[:300]}"
-            if answer.tries >= ANSWER_WRITE_TRIES:
-                self._give_up(correlation_id, why)
-            else:
-                self._ledger_error = (f"asset {answer.asset_id}'s answer to command {answer.command_id} could not be "
-                                      f"recorded on it (try {answer.tries} of {ANSWER_WRITE_TRIES}, one a second): "
-                                      f"{why}", datetime.now(UTC))
+            self._ledger_failed(self._give_up(correlation_id, why) if answer.tries >= ANSWER_WRITE_TRIES else (
+                f"asset {answer.asset_id}'s answer to command {answer.command_id} could not be recorded on it (try "
+                f"{answer.tries} of {ANSWER_WRITE_TRIES}, one a second): {why}"))
             return
         self._ledger_error = None  # the ledger takes answers again: a failure before is over
         del self._answers[correlation_id], self._awaiting[correlation_id]
         answer.acknowledge()
 
-    def _give_up(self, correlation_id: str, why: str) -> None:
+    def _ledger_failed(self, said: str) -> None:
+        """Count a failed ledger write (an answer's, a send outcome's) as a delivery error (`errors`, the
+        `delivery_errors` metric) and say it in `last_error` until a write lands."""
+        self._ledger_errors += 1
+        metrics.CONNECTOR_MESSAGES.inc(connector=self.pump.name, outcome="delivery_errors")
+        self._ledger_error = (said, datetime.now(UTC))
+
+    def _give_up(self, correlation_id: str, why: str) -> str:
         """Stop writing an answer its command's record does not take: dead-letter it (put in the pump by
         `_record_answers`, at the latest the next tick's, outside the command lock; the pump acknowledges its copies at
-        the source once the dead letter is written), say so in `last_error`, and put its command's deadline back, so
-        that the command settles as unanswered (expired) rather than staying sent (connectors/README.md says what the
-        operator does)."""
+        the source once the dead letter is written) and put its command's deadline back, so that the command settles as
+        unanswered (expired) rather than staying sent (connectors/README.md says what the operator does); the reason,
+        which the caller says in `last_error`."""
         answer = self._answers.pop(correlation_id)
         reason = (f"asset {answer.asset_id}'s answer to command {answer.command_id} (correlation id {correlation_id}) "
                   f"could not be recorded on the command after {answer.tries} tries: {why}; given up: the answer is "
                   "this dead letter, and the command settles as unanswered")
         log.error("event=command_ack_given_up tenant=%s connector=%s command=%s error=%r", self.tenant, self.name,
                   answer.command_id, why)
-        self._ledger_error = (reason, datetime.now(UTC))
         if answer.deadline is not None:
             self._deadlines[correlation_id] = answer.deadline
         else:  # a late answer to an expired command, which stays expired
@@ -480,6 +479,7 @@ class ConnectorRuntime:
         raw = json.dumps(answer.ack, default=str).encode()
         self._given_up.append(Inbound(source, [], [DeadLetter.of(source, answer.asset_id, None, reason, raw)],
                                       answer.acknowledge))
+        return reason
 
     def stop(self) -> None:
         self._stopped.set()
