@@ -215,7 +215,7 @@ class Backend:
         appending beside the successor's log would number changes twice and report what is the successor's."""
         c = self.config
         return ChangeLog(c.url("changes"), c.storage_options, memory=c.change_memory, retention_s=c.change_retention_s,
-                         fence=self.check_writable)
+                         fence=self.check_writable, epoch=self.twins.lease.epoch)
 
     def _registry(self, tenant: str) -> ModelRegistry:
         if tenant not in self._registries:

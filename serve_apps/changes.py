@@ -4,8 +4,9 @@ Each change gets the next number of its tenant's sequence (1, 2, 3, ... with no 
 number is the event id of the change stream (`serve_apps.change_stream`) and, for catalog
 changes, the changed asset's or type's revision (its ETag). The log lives in the `Backend`
 replica, which appends under one lock, and is durable before an append returns: one JSON-lines
-segment per append at ``{store}/changes/{tenant}/{first // 10000:010d}/{first:016d}-{last:016d}.jsonl``
-(object stores cannot append; names sort by sequence), created only where its name is free (`ChangeStore.write`: an
+segment per append at ``{store}/changes/{tenant}/{first // 10000:010d}/{first:016d}-{last:016d}-e{epoch}.jsonl``
+(object stores cannot append; names sort by sequence; `epoch`: the store lease's of the service writing, absent from
+segments written before it was named), created only where its name is free (`ChangeStore.write`: an
 exclusive create). A failed write, which may have landed, is written again with its numbers and bytes
 (`ChangeLog._append_locked`; found landed, it is done): never a second copy of a change, nor another under its
 number, nor a segment over another log's. A restarted backend continues the sequence from the newest segment, so
@@ -41,12 +42,27 @@ One writer: the log of the service holding the store's lease. Once another servi
 nothing there (`ChangeLog.fence`, the backend's `check_writable`, a verdict read at most once a second): no change,
 which would take a number the successor's log gives too, and no checkpoint, which would replace the successor's (a
 checkpoint reads the lease afresh, so a backend closed within that second writes none either). A takeover between
-that read and the write (serve_apps/README.md, "After a takeover") lets one write through: a segment is then refused
-where the successor's log wrote its name (`ChangeStore.write`), never replaced, and one that landed first under the
-name the successor's log gives next has the successor's changes numbered after it (`ChangeLog._renumber_locked`). What
-it could not write is the successor's to record: its catch-up finds the jobs from their records (its start failed
-those queued or running here, whose end this queue no longer saves: `serve_apps.jobs.JobQueue.fence`), and the twins
-from their states (the fenced service's twin writes are refused by its shards).
+that read and the write (serve_apps/README.md, "After a takeover") lets segments through, named with the fenced
+service's epoch, which readers leave out once the successor wrote (below). What it could not write is the successor's
+to record: its catch-up finds the jobs from their records (its start failed those queued or running here, whose end
+this queue no longer saves: `serve_apps.jobs.JobQueue.fence`), and the twins from their states (the fenced service's
+twin writes are refused by its shards).
+
+Segments of two logs: a fenced log and its successor both number from the head they read, so their segments may
+overlap under different names. The rule every reader applies (`ChangeStore._segments`: reads, the head, the oldest
+change): **a segment is left out when a segment of a higher epoch begins at or before its last number**. A successor
+begins after the head it read, so what the fenced log wrote before the takeover stays, and what it wrote after it
+(its window segments: from the successor's first number on, or later in that window) is never served once the
+successor wrote a change; the successor's changes are served under every number they hold, whichever name sorts first.
+Where no epoch tells them apart (segments without one, two logs of one lease), overlapping segments are read in name
+order, each number taken once from the first that holds it; a same-named segment of another such log is refused and
+the changes are numbered after it (`ChangeLog._renumber_locked`). Limits: a fenced segment is served until the
+successor writes a change (its first is at or before the segment's last number): a stream replaying the store then
+may have read it, and its resume point there is refused (410: another generation's change holds the number); a
+superseding segment is looked for in the segment's folder, the folder before it and those up to its last number, so a
+fenced log that wrote more than `PARTITION` changes in its window could have its later ones served; epochs only grow
+(`actors.lease.acquire_lease`), and a log whose store's newest segment has a higher epoch than its lease's (a
+``lease.json`` lost: epochs start again at 1) names its segments with that one (`ChangeLog._head_locked`).
 
 Retention (`retention_s`): whole directories of `PARTITION` changes whose newest change is older
 than that are deleted, oldest first, never the newest directory; a resume point before the oldest
@@ -62,12 +78,13 @@ import math
 import secrets
 import threading
 import time
+from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import islice
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -229,8 +246,10 @@ def _floor(saved: dict[str, Any]) -> datetime | None:
 class ChangeLog:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, memory: int = 1000,
                  retention_s: float | None = None, max_unwritten: int = MAX_UNWRITTEN,
-                 checkpoint_s: float = CHECKPOINT_S, fence: FenceCheck | None = None):
-        """`retention_s`: keep at least that much history (None: everything). `fence`: raises
+                 checkpoint_s: float = CHECKPOINT_S, fence: FenceCheck | None = None, epoch: int = 0):
+        """`retention_s`: keep at least that much history (None: everything). `epoch`: the lease epoch of the service
+        writing (0: none), named in its segments so that readers take a successor's over a fenced log's (module
+        docstring, "Segments of two logs"). `fence`: raises
         (`raytwin.statestore.StoreFenced`) once this log's service no longer holds its store
         (`serve_apps.backend.Backend.check_writable`, a cached verdict: no store read per append; a checkpoint asks it
         from a read of the lease made now); the log then writes nothing there, neither changes (`_append_locked`) nor
@@ -247,6 +266,8 @@ class ChangeLog:
         self._queue_lock = threading.Lock()
         self._queue: dict[str, list[Queued]] = {}  # appends waiting for the next group commit
         self._head: dict[str, int] = {}
+        self.epoch = epoch
+        self._epoch: dict[str, int] = {}  # tenant -> the epoch its segments are named with (`_head_locked`)
         self._ring: dict[str, deque[Change]] = {}
         self.generation = secrets.token_hex(4)  # this run's: a restored store's new changes differ from the old
         self._unwritten: dict[str, list[list[Change]]] = {}  # segments whose write failed: written first, as they were
@@ -390,7 +411,7 @@ class ChangeLog:
         written: list[Change] = []
         while kept:
             try:
-                self.store.write(tenant, kept[0])
+                self.store.write(tenant, kept[0], self._epoch[tenant])
             except StoreFenced:
                 self._renumber_locked(tenant, kept)
                 continue
@@ -404,11 +425,11 @@ class ChangeLog:
         return written[len(written) - len(new):]
 
     def _renumber_locked(self, tenant: str, kept: list[list[Change]]) -> None:
-        """Number the `kept` changes after the store's newest, as one segment, where a fenced log's segment took their
-        first segment's name (`ChangeStore.write`'s `StoreFenced`): in the takeover window the fenced log's write
-        landed first, a change made just before the takeover, and this log, which holds the store, writes after it
-        (refusing each write, it wrote nothing more for the tenant). Raises where this log is the fenced one (a read of
-        the lease made now) or has no fence (then no other log may write its store). Revisions stay: a catalog
+        """Number the `kept` changes after the store's newest, as one segment, where another log's segment of the same
+        epoch took their first segment's name (`ChangeStore.write`'s `StoreFenced`; logs of two epochs never share a
+        name): its write landed first, and this log, which holds the store, writes after it (refusing each write, it
+        wrote nothing more for the tenant). Raises where this log is fenced (a read of the lease made now) or has no
+        fence (then no other log may write its store). Revisions stay: a catalog
         change's is that of the file already written. Numbered past the refused name even where the store's listing
         does not show it yet (an object store's cached listing): numbered after that listing alone, the same name was
         refused again, for good, the log's lock held."""
@@ -600,9 +621,62 @@ class ChangeLog:
             return ChangePage(changes=[], head=head, oldest=oldest, fell_behind=True)
 
     def _head_locked(self, tenant: str) -> int:
+        """The tenant's head, read from the store at first; and the epoch its segments are named with: this log's,
+        or the newest segment's where that is higher (a store whose lease was lost started its epochs again at 1:
+        named with that, every change of this log would be superseded by the older ones)."""
         if tenant not in self._head:
-            self._head[tenant] = self.store.last_seq(tenant)
+            newest = self.store.newest(tenant)
+            self._head[tenant] = 0 if newest is None else newest.last
+            self._epoch[tenant] = max(self.epoch, 0 if newest is None else newest.epoch)
         return self._head[tenant]
+
+
+class Segment(NamedTuple):
+    """A segment of the log on the store, by its name: its first and last change numbers and the lease epoch of the
+    log that wrote it (0: named without one, written before epochs were, or by a log without a lease)."""
+
+    first: int
+    last: int
+    epoch: int
+    path: str
+
+
+def _segment(path: str) -> Segment:
+    """The `Segment` a path names: ``{first}-{last}.jsonl`` or ``{first}-{last}-e{epoch}.jsonl``."""
+    first, last, *epoch = path.rsplit("/", 1)[1].removesuffix(".jsonl").split("-")
+    return Segment(int(first), int(last), int(epoch[0].removeprefix("e")) if epoch else 0, path)
+
+
+class _Folders:
+    """A tenant's folders of segments for one walk, each listed once when first needed, and the rule that leaves a
+    segment out (module docstring, "Segments of two logs")."""
+
+    def __init__(self, store: ChangeStore, tenant: str):
+        self.store, self.parts = store, store._ls(f"{store.root}/{tenant}")
+        self.numbers = [int(p.rsplit("/", 1)[1]) for p in self.parts]
+        self._segments: dict[int, list[Segment]] = {}
+        self._starts: dict[int, dict[int, int]] = {}  # folder index -> epoch -> its earliest first number there
+        self._bars: dict[tuple[int, int, int], float] = {}  # (folder, folder after the last, epoch) -> `served`'s bar
+
+    def segments(self, i: int) -> list[Segment]:
+        """Folder `i`'s segments, in order."""
+        if i not in self._segments:
+            self._segments[i] = sorted(map(_segment, self.store._ls(self.parts[i])))
+            self._starts[i] = {}
+            for s in reversed(self._segments[i]):
+                self._starts[i][s.epoch] = s.first
+        return self._segments[i]
+
+    def served(self, i: int, segment: Segment) -> bool:
+        """Whether `segment`, of folder `i`, is served: no segment of a higher epoch begins at or before its last
+        number, looked for in folder `i`, the one before it (where its successor's first may lie) and those up to
+        its last number's."""
+        key = (i, bisect_right(self.numbers, segment.last // PARTITION), segment.epoch)
+        if key not in self._bars:
+            self._bars[key] = min((first for j in range(max(i - 1, 0), key[1]) if self.segments(j)
+                                   for epoch, first in self._starts[j].items() if epoch > segment.epoch),
+                                  default=math.inf)
+        return segment.last < self._bars[key]
 
 
 class ChangeStore:
@@ -614,17 +688,18 @@ class ChangeStore:
         self._folders: set[str] = set()
 
     @store_io("write")
-    def write(self, tenant: str, changes: list[Change]) -> None:
-        """Write a segment, never over another: created only where its name is free (`write_once`, an exclusive create
-        on local disk and S3 alike), or found holding these very bytes (an earlier try that landed: `ChangeLog`
-        writes a segment again as it was). `StoreFenced` where another log's segment holds the name: a backend fenced
-        between its lease read and this write (the takeover window) must not replace its successor's changes."""
+    def write(self, tenant: str, changes: list[Change], epoch: int = 0) -> None:
+        """Write a segment of lease `epoch` (0: none, the name without it), never over another: created only where its
+        name is free (`write_once`, an exclusive create on local disk and S3 alike), or found holding these very bytes
+        (an earlier try that landed: `ChangeLog` writes a segment again as it was). `StoreFenced` where another log's
+        segment holds the name: one of the same epoch (or none) must not replace this one's changes."""
         first, last = changes[0].seq, changes[-1].seq
         folder = f"{self.root}/{tenant}/{first // PARTITION:010d}"
         if folder not in self._folders:  # once per folder: on S3 each makedirs is a request
             self.fs.makedirs(folder, exist_ok=True)
             self._folders.add(folder)
-        path, data = f"{folder}/{first:016d}-{last:016d}.jsonl", "".join(c.model_dump_json() + "\n" for c in changes)
+        name = f"{first:016d}-{last:016d}" + (f"-e{epoch}" if epoch else "")
+        path, data = f"{folder}/{name}.jsonl", "".join(c.model_dump_json() + "\n" for c in changes)
         try:
             write_once(self.fs, path, data.encode())
         except FileExistsError:
@@ -636,10 +711,10 @@ class ChangeStore:
     def read(self, tenant: str, after: int, limit: int) -> list[Change]:
         """Up to `limit` changes with seq > `after`, oldest first."""
         out: list[Change] = []
-        for first, last, path in self._segments(tenant, after + 1):
-            if last <= after:
+        for segment in self._segments(tenant, after + 1):
+            if segment.last <= after:
                 continue
-            for line in self.fs.cat_file(path).splitlines():
+            for line in self.fs.cat_file(segment.path).splitlines():
                 change = Change.model_validate_json(line)
                 if change.seq > after:  # (and once: segments an older version wrote again renumbered overlap)
                     out.append(change)
@@ -675,8 +750,8 @@ class ChangeStore:
     @store_io("read")
     def first_seq(self, tenant: str) -> int:
         """The oldest change kept (1 unless the retention removed older ones; head + 1 for an empty log)."""
-        for first, _, _ in self._segments(tenant, 0):
-            return first
+        for segment in self._segments(tenant, 0):
+            return segment.first
         return self.last_seq(tenant) + 1
 
     @store_io("write")
@@ -696,25 +771,32 @@ class ChangeStore:
             removed = newest.seq if newest is not None else removed
         return removed
 
-    @store_io("read")
     def last_seq(self, tenant: str) -> int:
-        """The newest change's number (0: none), from the newest folder holding a segment: a writer killed between a
-        new folder's creation and its first segment (local disk; object stores have no empty folders) left it empty,
-        and read as an empty log, the sequence started again at 1 over the numbers already given."""
-        for part in reversed(self._ls(f"{self.root}/{tenant}")):
-            if segments := self._ls(part):
-                return int(segments[-1].rsplit("-", 1)[1].removesuffix(".jsonl"))
-        return 0
+        """The newest change's number (0: none)."""
+        newest = self.newest(tenant)
+        return 0 if newest is None else newest.last
 
-    def _segments(self, tenant: str, seq: int):
-        """(first, last, path) of the segments that may hold `seq` and later, in order. A segment lies in the
-        folder of its first change, so the folder before `seq`'s may hold a segment that reaches past it."""
-        parts = self._ls(f"{self.root}/{tenant}")
-        held = [i for i, p in enumerate(parts) if int(p.rsplit("/", 1)[1]) <= seq // PARTITION]
-        for part in parts[max(held[-1] - 1, 0) if held else 0:]:
-            for path in self._ls(part):
-                first, last = (int(x) for x in path.rsplit("/", 1)[1].removesuffix(".jsonl").split("-"))
-                yield first, last, path
+    @store_io("read")
+    def newest(self, tenant: str) -> Segment | None:
+        """The served segment reaching furthest (None: no change), from the newest folder holding one: a writer killed
+        between a new folder's creation and its first segment (local disk; object stores have no empty folders) left
+        it empty, and read as an empty log, the sequence started again at 1 over the numbers already given."""
+        folders = _Folders(self, tenant)
+        for i in reversed(range(len(folders.parts))):  # the folder's segments, and the one before's reaching into it
+            reach = folders.numbers[i] * PARTITION
+            served = [s for j in (i - 1, i) if j >= 0 for s in folders.segments(j)
+                      if s.last >= reach and folders.served(j, s)]
+            if served:
+                return max(served, key=lambda s: (s.last, s.epoch))
+        return None
+
+    def _segments(self, tenant: str, seq: int) -> Iterator[Segment]:
+        """The segments served that hold changes from `seq` on (`last` >= `seq`), in order (`_Folders.served`). A
+        segment lies in the folder of its first change, so the folder before `seq`'s may hold one that reaches past
+        it. Folders are listed as the walk reaches them: a read of the newest changes lists two or three."""
+        folders = _Folders(self, tenant)
+        for i in range(max(bisect_right(folders.numbers, seq // PARTITION) - 2, 0), len(folders.parts)):
+            yield from (s for s in folders.segments(i) if s.last >= seq and folders.served(i, s))
 
     def _ls(self, folder: str) -> list[str]:
         if not self.fs.exists(folder):

@@ -162,12 +162,12 @@ def test_appends_that_wait_for_a_slow_write_share_the_next_segment(tmp_path):
     written, entered, release = [], threading.Event(), threading.Event()
     write = log.store.write
 
-    def slow_write(tenant, changes):  # the first segment write hangs until ten more appends have queued
+    def slow_write(tenant, changes, epoch):  # the first segment write hangs until ten more appends have queued
         if not written:
             entered.set()
             release.wait()
         written.append([c.seq for c in changes])
-        write(tenant, changes)
+        write(tenant, changes, epoch)
 
     log.store.write = slow_write
     with ThreadPoolExecutor(11) as pool:
@@ -274,7 +274,7 @@ def test_a_catalog_write_whose_log_segment_a_crash_lost_is_recorded_at_its_revis
     class Crash(BaseException):
         """The process dies: no handler runs."""
 
-    def crash(tenant, changes):
+    def crash(*args):
         raise Crash
 
     log, catalog = ChangeLog(str(tmp_path / "changes")), Catalog(str(tmp_path / "catalog"))
@@ -1983,11 +1983,12 @@ def test_a_segment_is_written_again_as_it_was_but_never_over_another_logs(tmp_pa
 
 
 def test_a_fenced_segment_landed_first_under_the_successors_numbers_leaves_its_log_writing_after_it(tmp_path):
-    """In the takeover window the fenced backend's segment may land first under the name the successor's log gives
-    its next change: the successor's write was refused (`StoreFenced`) and kept, and written again as it was, refused
-    again, for good: every later change of the tenant too (telemetry answered 503 `store_fenced` by the service that
-    holds the store). The log that holds the store numbers its changes after the fenced one's; the fenced log's
-    next write is refused, and a reader of the store gets each change once, in order."""
+    """Two logs whose segments name no epoch (or one epoch): in the takeover window the fenced backend's segment may
+    land first under the name the successor's log gives its next change: the successor's write was refused
+    (`StoreFenced`) and kept, and written again as it was, refused again, for good: every later change of the tenant
+    too (telemetry answered 503 `store_fenced` by the service that holds the store). The log that holds the store
+    numbers its changes after the fenced one's; the fenced log's next write is refused, and a reader of the store gets
+    each change once, in order. (Logs of two epochs never share a name: the next tests.)"""
     from raytwin.statestore import StoreFenced
 
     holds = {"fenced": True}
@@ -2058,6 +2059,55 @@ def test_a_fenced_segment_its_successors_listing_does_not_show_yet_is_numbered_p
     assert [c.seq for c in successor.record("acme", drafts(1, asset="s"))] == [3]
     assert [(c.seq, c.asset_id) for c in successor.store.read("acme", 0, 10)] == [(1, "a"), (2, "f"), (3, "s")]
     assert reads.count(True) == 1 and successor.unwritten() == 0
+
+
+@pytest.mark.parametrize("fenced_n, successor_n", [(1, 3), (4, 2)])  # the fenced segment's name sorts first; last
+def test_a_fenced_logs_segments_beside_its_successors_are_never_served(tmp_path, monkeypatch, fenced_n, successor_n):
+    """In the takeover window the fenced backend's log and its successor's both number from the head they read: their
+    segments overlap under different names (other last numbers). A reader took each number from the segment first by
+    name, so a store replay showed fenced changes under the successor's numbers, or after its head. The successor's
+    epoch, in its names, wins: the fenced segments are left out whichever name sorts first, one later in the window
+    too, for a reader at any position and for a restart's head; over folders, the superseding segment in the one
+    before."""
+    monkeypatch.setattr(changes_module, "PARTITION", 4)
+    fenced = ChangeLog(str(tmp_path), fence=lambda fresh=False: None, epoch=1)  # its verdict read before the takeover
+    fenced.record("acme", drafts(2))  # changes 1-2
+    successor = ChangeLog(str(tmp_path), fence=lambda fresh=False: None, epoch=2)
+    assert successor.head("acme") == 2
+    fenced.record("acme", drafts(fenced_n, asset="f"))  # in the window: from 3 on
+    successor.record("acme", drafts(successor_n, asset="s"))  # from 3 on, beside it
+    fenced.record("acme", drafts(1, asset="f"))  # later in the window: in the next folder
+    want = [(1, "a"), (2, "a"), *((seq, "s") for seq in range(3, 3 + successor_n))]
+    for after in range(len(want) + 1):
+        assert [(c.seq, c.asset_id) for c in successor.store.read("acme", after, 100)] == want[after:]
+    restarted = ChangeLog(str(tmp_path), fence=lambda fresh=False: None, epoch=2)
+    assert restarted.head("acme") == 2 + successor_n and restarted.store.first_seq("acme") == 1
+    assert [c.seq for c in restarted.record("acme", drafts(1, asset="s"))] == [3 + successor_n]
+    assert [(c.seq, c.asset_id) for c in successor.store.read("acme", 0, 100)] == [*want, (3 + successor_n, "s")]
+
+
+def test_a_store_written_before_segments_named_epochs_reads_and_its_fenced_segment_is_left_out(tmp_path):
+    """Segments named without an epoch (`{first}-{last}.jsonl`, as before) are read as ever, and a log with an epoch
+    goes on after them; one of them beside a successor's (an older version's backend fenced in the window) is left out
+    as any lower epoch's: before, its name sorted first and it was served under the successor's number."""
+    older = ChangeLog(str(tmp_path))  # names as an older version wrote them
+    older.record("acme", drafts(2))
+    assert [p.name for p in (tmp_path / "acme").rglob("*.jsonl")] == ["0000000000000001-0000000000000002.jsonl"]
+    successor = ChangeLog(str(tmp_path), fence=lambda fresh=False: None, epoch=3)
+    assert successor.head("acme") == 2
+    older.record("acme", drafts(1, asset="f"))  # change 3, in the window
+    successor.record("acme", drafts(2, asset="s"))  # changes 3-4
+    assert [(c.seq, c.asset_id) for c in ChangeLog(str(tmp_path)).store.read("acme", 0, 10)] == [
+        (1, "a"), (2, "a"), (3, "s"), (4, "s")]
+
+
+def test_a_log_whose_lease_epoch_is_below_its_stores_segments_names_its_own_with_theirs(tmp_path):
+    """A store whose lease was lost starts its epochs at 1 again: segments named with 1 after ones of epoch 5 would
+    each be superseded, every change of the new service left out by readers. They are named with the store's."""
+    ChangeLog(str(tmp_path), epoch=5).record("acme", drafts(2))
+    ChangeLog(str(tmp_path), epoch=1).record("acme", drafts(2, asset="n"))
+    assert [(c.seq, c.asset_id) for c in ChangeLog(str(tmp_path)).store.read("acme", 0, 10)] == [
+        (1, "a"), (2, "a"), (3, "n"), (4, "n")]
 
 
 def test_a_job_cancelled_in_the_takeover_window_is_refused_over_the_successors_end(tmp_path):

@@ -931,7 +931,7 @@ def test_the_store_watch_exports_the_fence_stops_the_connectors_once_and_writes_
     from serve_apps.changes import ChangeLog
     from serve_apps.store_probe import BoundedRead
 
-    def disk_full(tenant, changes) -> None:
+    def disk_full(*args) -> None:
         raise OSError(28, "No space left on device")
 
     store, mine, _ = _leased_backend(tmp_path)
