@@ -10,14 +10,21 @@ strongest of them, its evidence naming all), so 1,000 twins latching at once sta
 `max_concurrent_jobs` jobs and later latches wait as one pending calibration per type.
 
 Restart-safe: the cursor, the pending triggers and the running jobs (each with its candidate
-version, reserved before launch) are one JSON document per tenant, rewritten before anything
-acts on it. A restarted backend relaunches the running jobs (`sweeps.recalibration.recalibrate`
+version, reserved before launch) are one JSON document per tenant, saved before anything
+acts on it, as a new revision (`raytwin.revisions`: created only where its number is free).
+A restarted backend relaunches the running jobs (`sweeps.recalibration.recalibrate`
 finishes a candidate a crashed attempt registered instead of calibrating again) and reads the
 changes after the cursor from the store, so a trigger is neither lost nor run twice. So does a service that took the
 store over from another: the fenced one (`Recalibrator.fence`, the store's lease read before each write of the
 document: a job's end or relaunch, a trigger admitted or dropped, a launch) then records no job's end, admits no
 trigger and launches nothing, so the document is the successor's alone (its task still running
-there ends unrecorded: the successor's relaunch finishes the job).
+there ends unrecorded: the successor's relaunch finishes the job). That lease read and the save are two operations;
+a takeover between them (the takeover window) is caught by the save itself, conditional on the revision this service
+read: the fenced service cannot put back its older state (before, a successor restarted before its next save resumed
+from it, read the changes after its older cursor again and ran their calibration a second time). A save that finds the
+document moved on (`DocumentMoved`) has its act redone on the document as stored (`Recalibrator._redo`): the fenced
+service's fresh lease read then stops it; a successor whose first save found a fenced save (of just before the
+takeover) landed after its read acts on that one, relaunching the job that save launched.
 """
 
 from __future__ import annotations
@@ -33,9 +40,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
+from raytwin.revisions import DocumentMoved, Revisions
 from raytwin.statestore import FenceCheck, fenced
-from raytwin.storage import canonical_json, filesystem, replace_file, scrub_locations
-from raytwin.store_failures import store_io
+from raytwin.storage import canonical_json, filesystem, scrub_locations
 from serve_apps.changes import Change
 
 log = logging.getLogger("raytwin.serve.recalibration")
@@ -92,6 +99,8 @@ ReadChanges = Callable[[str, int], list[Change]]
 """(tenant, after) -> the tenant's recorded changes after that sequence number, in order (a page)."""
 SAVE_EVERY = 10_000
 """Changes without triggers between cursor writes (a restart re-reads at most these)."""
+REDO = 3
+"""Tries of one act whose save found the tenant's document moved on (`Recalibrator._redo`)."""
 
 
 def trigger_of(change: Change) -> DriftTrigger | None:
@@ -140,26 +149,26 @@ class Recalibrator:
         self._lock = threading.RLock()
         self._retries: dict[tuple[str, str], Callable[[], None]] = {}  # (tenant, job) -> cancels its deferred launch
         self._states: dict[str, TenantState] = {}
+        self._revision: dict[str, int] = {}  # tenant -> revision of its document that `_states` holds
         self._saved: dict[str, int] = {}  # tenant -> cursor on the store
         self._reached: dict[tuple[str, str], datetime] = {}  # (tenant, asset) -> newest event time seen changed
         self._scores: dict[tuple[str, str], float] = {}  # (tenant, asset) -> highest drift score of this episode
 
     # ---- state ---------------------------------------------------------------------------
-    def _path(self, tenant: str) -> str:
-        return f"{self.root}/{tenant}/trigger-state.json"
+    def _document(self, tenant: str) -> Revisions:
+        """The tenant's state document: ``{root}/{tenant}/trigger-state/{revision}.json`` (``trigger-state.json``
+        before it had revisions)."""
+        folder = f"{self.root}/{tenant}/trigger-state"
+        return Revisions(self.fs, folder, legacy=f"{folder}.json")
 
     def state(self, tenant: str) -> TenantState:
         with self._lock:
             if tenant not in self._states:
-                self._states[tenant] = self._load(tenant)
-                self._saved[tenant] = self._states[tenant].cursor
+                revision, body = self._document(tenant).read()
+                self._states[tenant] = TenantState() if body is None \
+                    else TenantState.model_validate_json(body)  # none: from the log's start, nothing is skipped
+                self._revision[tenant], self._saved[tenant] = revision, self._states[tenant].cursor
             return self._states[tenant]
-
-    @store_io("read")
-    def _load(self, tenant: str) -> TenantState:
-        path = self._path(tenant)
-        return TenantState.model_validate_json(self.fs.cat_file(path)) if self.fs.exists(path) \
-            else TenantState()  # from the log's start: nothing is skipped
 
     def snapshot(self, tenant: str) -> TenantState:
         """A copy of the tenant's pending, running and recently finished recalibrations."""
@@ -167,10 +176,38 @@ class Recalibrator:
             return self.state(tenant).model_copy(deep=True)
 
     def _save(self, tenant: str) -> None:
-        state = self._states[tenant]
-        # whole or not at all: a crash mid-write must not leave half a document
-        replace_file(self.fs, self._path(tenant), canonical_json(state.model_dump(mode="json")))
-        self._saved[tenant] = state.cursor
+        """Save the tenant's state as the revision after the one it holds (whole or not at all: a new file);
+        `DocumentMoved` where another service saved the document since, whose state then replaces it here."""
+        state, revision = self._states[tenant], self._revision[tenant] + 1
+        try:
+            self._document(tenant).write(revision, canonical_json(state.model_dump(mode="json")))
+        except DocumentMoved as exc:
+            log.warning("event=recalibration_state_moved tenant=%s revision=%d: %s; the act is redone on the state "
+                        "as stored", tenant, revision, exc)
+            del self._states[tenant]  # read again by `state`
+            raise
+        self._revision[tenant], self._saved[tenant] = revision, state.cursor
+
+    def _redo(self, tenant: str, act: Callable[[], None]) -> None:
+        """Run `act` on the tenant's state, and again, at most `REDO` tries, where its save found the document moved
+        on (`_save`). Before each try the running jobs of the stored document this service has not launched are
+        relaunched (`_relaunch`), as a restart does: a save of another service that landed after this one read the
+        document launched them (a fenced service's, of just before the takeover). Where this service is the fenced
+        one, its fresh lease read refuses those relaunches and the act (`_fenced`)."""
+        with self._lock:
+            launched = set(self.state(tenant).running)
+            for _ in range(REDO):
+                try:
+                    for job_key in sorted(self.state(tenant).running.keys() - launched):
+                        launched.add(job_key)
+                        self._relaunch(tenant, job_key, "another service saved the state, running it, after it was "
+                                                        "read here")
+                    act()
+                    return
+                except DocumentMoved:
+                    continue
+            log.warning("event=recalibration_state_contended tenant=%s tries=%d: the document moved on at each save; "
+                        "the next poll, end or restart acts again", tenant, REDO)
 
     # ---- acting ----------------------------------------------------------------------------
     def resume(self, tenant: str) -> None:
@@ -184,13 +221,16 @@ class Recalibrator:
         """Launch a running job again (`recalibrate` finishes a candidate an earlier attempt registered):
         after a restart, or when its task was lost with its worker or node; at most `MAX_ATTEMPTS` launches,
         counted before each, so a job that kills its worker every time fails instead of looping."""
+        self._redo(tenant, lambda: self._relaunch(tenant, job_key, why))
+
+    def _relaunch(self, tenant: str, job_key: str, why: str) -> None:
         with self._lock:
             state = self.state(tenant)
             job = state.running.get(job_key)
             if job is None or self._fenced(tenant, job_key, f"relaunch ({why})"):
                 return
             if job.attempts >= MAX_ATTEMPTS:
-                self.finish(tenant, job_key, error=f"{why}; gave up after {job.attempts} attempts")
+                self._finish(tenant, job_key, error=f"{why}; gave up after {job.attempts} attempts")
                 return
             job = state.running[job_key] = job.model_copy(update={"attempts": job.attempts + 1})
             self._save(tenant)
@@ -200,11 +240,14 @@ class Recalibrator:
 
     def poll(self, tenant: str) -> None:
         """Act on every change the tenant's log recorded after the cursor, in sequence order."""
+        self._redo(tenant, lambda: self._poll(tenant))
+
+    def _poll(self, tenant: str) -> None:
         with self._lock:
             while changes := self.read(tenant, self.state(tenant).cursor):
-                self.observe(tenant, changes)
+                self._observe(tenant, changes)
 
-    def observe(self, tenant: str, changes: Iterable[Change]) -> None:
+    def _observe(self, tenant: str, changes: Iterable[Change]) -> None:
         """Act on a page of the tenant's changes in order; those at or before the cursor are ignored."""
         with self._lock:
             state = self.state(tenant)
@@ -234,6 +277,10 @@ class Recalibrator:
     def finish(self, tenant: str, job_key: str, *, run_id: str | None = None, candidate: str | None = None,
                error: str | None = None) -> None:
         """A job ended: record its outcome and start what waits for its slot."""
+        self._redo(tenant, lambda: self._finish(tenant, job_key, run_id=run_id, candidate=candidate, error=error))
+
+    def _finish(self, tenant: str, job_key: str, *, run_id: str | None = None, candidate: str | None = None,
+                error: str | None = None) -> None:
         with self._lock:
             state = self.state(tenant)
             if job_key not in state.running or self._fenced(tenant, job_key, "end"):
@@ -366,7 +413,7 @@ class Recalibrator:
                 self._defer(job, error)
                 return
             log.exception("event=recalibration_launch_failed tenant=%s job=%s", job.tenant, job.job_key)
-            self.finish(job.tenant, job.job_key, error=error)
+            self._finish(job.tenant, job.job_key, error=error)
             return
         log.info("event=recalibration_started tenant=%s job=%s model=%s asset_id=%s triggers=%d candidate=%s",
                  job.tenant, job.job_key, job.model_ref, job.asset_id, len(job.triggers), job.candidate_version)

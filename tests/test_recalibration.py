@@ -89,6 +89,12 @@ class World:
                             candidate=f"thermal_rc@{job.candidate_version}")
 
 
+def stored(root) -> tuple[str, str]:
+    """The name and content of the tenant's state document as stored: its newest revision, the only one kept."""
+    (path,) = (root / "acme" / "trigger-state").iterdir()
+    return path.name, path.read_text()
+
+
 def test_a_latch_starts_one_job_whose_triggers_carry_the_detector_statistics(tmp_path):
     w = World(tmp_path)
     w.drift(["z1"])
@@ -277,11 +283,11 @@ def test_a_fenced_backend_neither_ends_nor_relaunches_a_recalibration_its_succes
     fenced.fence = taken
     successor = w.restart()
     successor.resume("acme")  # relaunches the running job: attempt 2
-    saved = (tmp_path / "acme" / "trigger-state.json").read_text()
+    saved = stored(tmp_path)
     fenced.relaunch("acme", job.job_key, "its task was lost with its worker")
     w.trigger = fenced
     w.finish(job)
-    assert (tmp_path / "acme" / "trigger-state.json").read_text() == saved
+    assert stored(tmp_path) == saved
     assert [j.job_key for j in w.launched] == [job.job_key] * 2
     assert successor.snapshot("acme").running[job.job_key].attempts == 2
 
@@ -294,7 +300,7 @@ def test_a_fenced_backend_admits_no_trigger_and_launches_nothing_within_the_seco
 
     w = World(tmp_path)
     w.drift(["z1"])  # the successor's state, as the fenced one saved it before the takeover
-    saved = (tmp_path / "acme" / "trigger-state.json").read_text()
+    saved = stored(tmp_path)
 
     def taken(fresh: bool = False) -> None:
         if fresh:
@@ -303,7 +309,72 @@ def test_a_fenced_backend_admits_no_trigger_and_launches_nothing_within_the_seco
     w.trigger.fence = taken
     w.drift(["z2"])
     assert [j.asset_id for j in w.launched] == ["z1"]
-    assert (tmp_path / "acme" / "trigger-state.json").read_text() == saved
+    assert stored(tmp_path) == saved
+
+
+def test_a_fenced_save_in_the_takeover_window_puts_back_no_state_and_runs_no_calibration_twice(tmp_path):
+    """The fenced backend read the lease (it held the store), then the successor took over, resumed the tenant and ran
+    a calibration; the fenced save (its task's end) then replaced the successor's document with its older state, and
+    the successor, restarted before its next save, read that latch again after the older cursor and ran its
+    calibration a second time. The save is conditional on the revision read: refused, the end is redone on the
+    document as stored, which the fenced backend's next read of the lease stops."""
+    from raytwin.statestore import StoreFenced
+
+    w = World(tmp_path)
+    w.drift(["z1"])
+    (job,) = w.launched
+    fenced, reads = w.trigger, []
+
+    def fence(fresh: bool = False) -> None:  # the read before its save finds the store its own, every later one not
+        reads.append(fresh)
+        if len(reads) > 1:
+            raise StoreFenced("service b (epoch 2) took the store over")
+
+    fenced.fence = fence
+    w.restart().resume("acme")  # the successor relaunches z1's job...
+    w.drift(["z2"])  # ...and runs z2's calibration
+    saved = stored(tmp_path)
+    w.trigger = fenced
+    w.finish(job)
+    assert stored(tmp_path) == saved
+    w.restart().resume("acme")  # restarted before its next save: relaunches the two, admits nothing again
+    assert [(j.asset_id, j.attempts) for j in w.launched] == [("z1", 1), ("z1", 2), ("z2", 1), ("z1", 3), ("z2", 2)]
+
+
+def test_a_fenced_save_landed_after_its_successor_read_the_state_is_acted_on_not_replaced(tmp_path):
+    """The other order: the fenced backend's save (a latch admitted and its calibration launched on a lease read of
+    just before the takeover) landed after the successor read the tenant's document. The successor's save, replacing
+    it, dropped that job (its end, sent to the fenced backend, was never recorded) and launched the latch's calibration
+    again. Its save is refused, and it acts on the document as stored: it relaunches that job, and launches nothing
+    for its latch."""
+    w = World(tmp_path)
+    w.drift(["z1"])
+    fenced = w.trigger
+    successor = w.restart()
+    successor.state("acme")  # read at its start
+    w.trigger = fenced
+    w.drift(["z2"])  # the fenced backend launches z2's calibration, and its save lands
+    w.trigger = successor
+    successor.poll("acme")
+    assert [(j.asset_id, j.attempts) for j in w.launched] == [("z1", 1), ("z2", 1), ("z2", 2)]
+    assert {j.asset_id: j.attempts for j in successor.snapshot("acme").running.values()} == {"z1": 1, "z2": 2}
+    assert stored(tmp_path)[0] == f"{5:016d}.json"  # the fenced backend's four saves, then the successor's relaunch
+
+
+def test_a_state_document_saved_before_revisions_loads_and_is_replaced_by_the_first(tmp_path):
+    """A store written before the document had revisions keeps it at ``trigger-state.json``: it is read as revision
+    0, and the first save replaces it."""
+    w = World(tmp_path)
+    w.drift(["z1"])
+    (path,) = (tmp_path / "acme" / "trigger-state").iterdir()
+    legacy = tmp_path / "acme" / "trigger-state.json"
+    path.rename(legacy)
+    (tmp_path / "acme" / "trigger-state").rmdir()
+    restarted = w.restart()
+    assert list(restarted.snapshot("acme").running) == [w.launched[0].job_key]
+    w.finish(w.launched[0])
+    assert not legacy.exists() and stored(tmp_path)[0] == f"{1:016d}.json"
+    assert not w.restart().snapshot("acme").running
 
 
 def test_a_job_that_cannot_start_fails_and_frees_its_slot(tmp_path):
@@ -482,7 +553,7 @@ def test_a_state_document_a_newer_version_wrote_still_loads(tmp_path):
 
     w = World(tmp_path)
     w.drift(["z1"])
-    path = tmp_path / "acme" / "trigger-state.json"
+    (path,) = (tmp_path / "acme" / "trigger-state").iterdir()
     doc = json.loads(path.read_text())
     (job,) = doc["running"].values()
     job["field_of_a_later_version"] = 1

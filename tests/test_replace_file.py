@@ -131,3 +131,23 @@ def test_the_stores_records_survive_a_writer_killed_half_way(tmp_path: Path, kil
     assert reader(root) == before
     writer(root)(3)
     assert reader(root) != before
+
+
+def test_a_revision_saved_from_an_older_read_is_refused_even_where_pruning_freed_its_number(tmp_path):
+    """`raytwin.revisions`: a save is the revision after the one read, created only where that number is free; saves
+    delete the older revisions, so a writer that read one of those finds its number free again: it is refused all
+    the same (a newer revision is there once its own landed), and its file removed."""
+    from raytwin.revisions import DocumentMoved, Revisions
+
+    fs, root = filesystem(str(tmp_path))
+    docs = Revisions(fs, f"{root}/doc", legacy=f"{root}/doc.json")
+    (tmp_path / "doc.json").write_bytes(b"before revisions")
+    assert docs.read() == (0, b"before revisions")
+    for revision in (1, 2, 3):
+        docs.write(revision, b"v%d" % revision)
+    with pytest.raises(DocumentMoved):
+        docs.write(3, b"from revision 2")  # its number taken
+    with pytest.raises(DocumentMoved):
+        docs.write(2, b"from revision 1")  # its number free again: revision 2 was deleted
+    assert docs.read() == (3, b"v3") and sorted(os.listdir(tmp_path)) == ["doc"]
+    assert os.listdir(tmp_path / "doc") == [f"{3:016d}.json"]
