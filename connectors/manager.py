@@ -160,8 +160,8 @@ class Connectors:
         self._down: dict[tuple[str, str], _Down] = {}
         self._held: _Down | None = None  # why no call starts an actor any more (`hold`)
         # a start, `hold` and a delete's beginning: none starts an actor after `hold` returned, nor once a delete of its
-        # connector began (re-entrant: a delete run within a start's call, as a test interleaves them, does not hang)
-        self._starts = threading.RLock()
+        # connector began (none of them calls another while holding it)
+        self._starts = threading.Lock()
         self._deleting: set[tuple[str, str]] = set()  # connectors whose delete runs: no actor of theirs starts
 
     def create(self, spec: ConnectorSpec | dict[str, Any], credentials: Credentials | None = None) -> ConnectorStatus:

@@ -553,9 +553,12 @@ def test_a_connector_whose_actor_started_right_before_its_delete_dies_starting_l
     monkeypatch.setattr(ops, "_supervised", lambda: None)  # the passes run here, in the order the test sets
 
     def dies_starting(tenant: str, name: str) -> Any:
-        if starter == "a status read":
-            ops.delete(tenant, name)  # between the read's check of the declaration and its start of the actor
-        dying = SimpleNamespace(remote=lambda *args: (_ for _ in ()).throw(ray.exceptions.ActorDiedError()))
+        def dies(*args: Any) -> Any:
+            if starter == "a status read":
+                ops.delete(tenant, name)  # once the read started the actor, before its constructor read the declaration
+            raise ray.exceptions.ActorDiedError()
+
+        dying = SimpleNamespace(remote=dies)
         return SimpleNamespace(status=dying, pause=dying, resume=dying)
 
     if starter == "a supervision pass":
