@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from raytwin.cli_help import flowing
+
 bench_app = typer.Typer(help="Measure RayTwin against its baselines in the same run.", no_args_is_help=True)
 
 
@@ -61,3 +63,6 @@ def run(
     if failed:
         typer.echo(f"failed: {', '.join(failed)}", err=True)
         raise typer.Exit(1)
+
+
+flowing(bench_app)  # `python -m benchmarks`: every command is registered by now

@@ -11,6 +11,7 @@ import sys
 
 import typer
 
+from raytwin.cli_help import flowing
 from raytwin.commands import mount_commands
 from raytwin.lifecycle_cli import registry_app
 from raytwin.models_cli import models_app
@@ -33,6 +34,9 @@ def version() -> None:
 
     for name, ver in package_versions().items():
         typer.echo(f"{name} {ver}")
+
+
+flowing(app)  # every command is registered by now
 
 
 def main() -> None:

@@ -31,6 +31,26 @@ def test_every_bounded_context_is_mounted():
         assert command in out.output
 
 
+def test_every_help_flows_for_the_terminal_to_wrap():
+    """Typer's rich help printed docstrings' source line breaks: `raytwin --help` broke `audit`'s summary
+    mid-sentence at every width, as every command's help below its first paragraph. Every help of every command and
+    group (`bench` is `python -m benchmarks`'s app) is its paragraphs, each one line."""
+    import click
+    import typer.main
+
+    def commands(command: click.Command, path: str):
+        yield path, command
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from commands(sub, f"{path} {name}")
+
+    found = dict(commands(typer.main.get_command(app), "raytwin"))
+    assert "raytwin bench run" in found and "raytwin twins dead-letters" in found  # (groups are walked)
+    broken = [path for path, command in found.items() if any("\n" in p for p in (command.help or "").split("\n\n"))]
+    assert broken == []
+    wide = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "400"}).output
+    assert re.search(r"audit +Who changed what and when: .* is also named on stderr\. +│", wide), wide
+
+
 def test_demo_runs_the_whole_loop(tmp_path):
     """The README's demo command, at small sizes, in its own process (it starts its own Ray)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
