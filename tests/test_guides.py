@@ -105,7 +105,7 @@ NOT_RUN_COMMANDS: dict[str, str] = {  # whole command (without its comment) -> w
     'raytwin job submit --working-dir . --py-module examples/dcmotor/raytwin_dcmotor -- raytwin sweep run '
     '"$PWD/spec.json" --runs "$PWD/runs"': "needs a running cluster's job API; tests/test_cluster_local.py submits "
                                            "the same job to the local two-node cluster",
-    'raytwin job submit --working-dir . -- raytwin sweep run "$PWD/spec.json" --runs s3://bucket/runs':
+    'raytwin job submit --working-dir . -- raytwin sweep run "$PWD/out/spec.json" --runs s3://bucket/runs':
         "needs a running cluster's job API; the same submission runs on a local cluster in cluster/README.md's "
         "job block",
 }
@@ -221,7 +221,7 @@ def test_listed_commands_match_whole_commands_only() -> None:
     assert _listing("./dev demo --scenarios 10") is None
     assert _listing("python -m benchmarks run   # everything") == "python -m benchmarks run"
     assert _listing("python -m benchmarks run sweep") is None
-    submit = 'raytwin job submit --working-dir . -- raytwin sweep run "$PWD/spec.json" --runs s3://bucket/runs'
+    submit = 'raytwin job submit --working-dir . -- raytwin sweep run "$PWD/out/spec.json" --runs s3://bucket/runs'
     assert _listing(submit.replace('"', "'")) == submit  # quoting does not matter, the words do
 
 
@@ -410,12 +410,23 @@ def _close_zone_17(guide: Guide, block: Block) -> None:
     guide.namespace.pop("service").close()  # its shard actors' names are free again for the Serve guide's twins
 
 
+def _leaves_the_checkout_clean(guide: Guide, block: Block) -> None:
+    """Followed from the repository root, the sweeps guide's CLI section left its spec.json and zone-17.parquet there,
+    untracked files in the checkout: what the guide has written by then is in folders .gitignore ignores."""
+    ignored = {line.strip("/") for line in (REPO_ROOT / ".gitignore").read_text().splitlines()
+               if line.startswith("/") and line.endswith("/")}
+    copied = {examples.relative_to(REPO_ROOT).parts[0] for examples in REPO_ROOT.glob("*/examples")}
+    written = {path.name for path in guide.workdir.iterdir()} - copied
+    assert written <= ignored, f"{block.id} left {sorted(written - ignored)} in the checkout, not ignored by git"
+
+
 BEFORE_BLOCK: dict[tuple[str, str], Callable[[Guide, Block], None]] = {
     ("sweeps/README.md", "from sweeps.twins import start_from_twin"): _live_zone_17,
     ("sweeps/README.md", "from sweeps.calibration import CalibrationSpec"): _zone_17_telemetry,
 }
 AFTER_BLOCK: dict[tuple[str, str], Callable[[Guide, Block], None]] = {
     ("sweeps/README.md", "from sweeps.twins import start_from_twin"): _close_zone_17,
+    ("sweeps/README.md", "mkdir -p out"): _leaves_the_checkout_clean,
     ("actors/README.md", "from datetime import UTC, datetime"): _printed_ingest_report,
 }
 
