@@ -144,6 +144,7 @@ class TwinService:
             )))).remote(
                 store_url, i, shards, allowed_lateness_s=allowed_lateness_s, snapshot_every=snapshot_every,
                 checkpoint_every=checkpoint_every, storage_options=storage_options, fence=self.lease.fence,
+                namespace=namespace,
             )
 
         self._shards = [owned_shard(functools.partial(start, i), shard_name(store_url, i, shards), namespace)

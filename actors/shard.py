@@ -47,7 +47,7 @@ from actors.lease import renew_heartbeat
 from actors.migration import migrated_record
 from actors.progress import Busy, CallClock, probe_call, probed_actor, timed_calls
 from actors.recovery import Replaying, recover, recover_many
-from actors.routing import shard_index
+from actors.routing import shard_index, shard_prefix
 from actors.shadow import ShadowBook
 from actors.shard_models import LiveModelOps
 from actors.state import IngestReport, Reject, TwinState
@@ -202,6 +202,7 @@ class TwinShard(LiveModelOps):
         checkpoint_every: int = 64,
         storage_options: dict[str, Any] | None = None,
         fence: tuple[str, int] | None = None,
+        namespace: str = "",  # the Ray namespace its service runs in: its metrics name it
     ):
         self.store = StateStore(store_url, storage_options)
         self.key_index = LogKeyIndex(self.store)  # loaded per partition on the first event beyond a twin's window
@@ -213,6 +214,8 @@ class TwinShard(LiveModelOps):
         self.phases: dict[tuple[str, str], int] = {}  # each twin's `snapshot_phase`, once computed
         self.between: dict[tuple[str, str], tuple[int, int]] = {}  # (revision, durable) `_snapshot` found between points
         self.tag = str(index)  # the `shard` tag of its metrics
+        self.service = metrics.service(namespace, shard_prefix(store_url))  # the tags naming its service (`SERVICE_TAGS`)
+        self.tags = {**self.service, "shard": self.tag}  # those of its per-shard metrics
         self.stale: set[tuple[str, str]] = set()  # twins whose log write failed mid-batch
         self.newest_ingest_us = 0  # the latest ingest time this process logged (a deleted twin's history ends there)
         self.retyping: dict[tuple[str, str], dict[str, Any]] = {}  # committed retypes not finished: marked records
@@ -231,16 +234,17 @@ class TwinShard(LiveModelOps):
                 self._try_finish_retype((tenant, asset_id))
         self.drifting = {key for key, twin in self.twins.items() if twin.drift}
         shadowed = self.shadows.resume(self.twins)  # after the twins: a shadow catches up from the log
-        metrics.TWINS.set(len(self.twins), shard=self.tag)
-        metrics.TWINS_DRIFTING.set(len(self.drifting), shard=self.tag)
+        metrics.TWINS.set(len(self.twins), **self.tags)
+        metrics.TWINS_DRIFTING.set(len(self.drifting), **self.tags)
         metrics.SHARD_STARTED.set(time.time(), shard=self.tag)  # a new value per restart: a crash loop's count
         # exported at 0 now: a burst that creates a series would not show in `rate()` (`Metric.zero`)
-        metrics.TWIN_EVENTS.zero(*({"shard": self.tag, "outcome": o} for o in TWIN_OUTCOMES))
+        metrics.TWIN_EVENTS.zero(*({**self.tags, "outcome": o} for o in TWIN_OUTCOMES))
         metrics.zero_dead_letters("shard")
         self._zero_restarts(self.twins.values())
         zero_counts("write")  # its lease heartbeat's failures (`actors.lease.renew_heartbeat`)
-        metrics.INGEST_TO_APPLIED.zero({})  # a restarted shard's first batches (a backlog: the lag SLO's worst) count
-        metrics.EVENT_TO_APPLIED.zero({})
+        # a restarted shard's first batches (a backlog: the lag SLO's worst) count
+        metrics.INGEST_TO_APPLIED.zero(self.service)
+        metrics.EVENT_TO_APPLIED.zero(self.service)
         kernels = kernel_counts()
         log.info("event=shard_started shard=%d pid=%d twins=%d shadowed=%d process_age_s=%.2f recover_s=%.2f "
                  "kernels_loaded=%d kernels_compiled=%d", index, os.getpid(), len(self.twins), shadowed,
@@ -285,7 +289,7 @@ class TwinShard(LiveModelOps):
         self.store.save_registration(tenant, asset_id, record)
         self.twins[(tenant, asset_id)] = twin
         self.durable_revision[(tenant, asset_id)] = twin.restored_revision
-        metrics.TWINS.set(len(self.twins), shard=self.tag)
+        metrics.TWINS.set(len(self.twins), **self.tags)
         return existing is None
 
     def register_many(self, items: list[tuple[str, str, dict[str, Any]]]) -> int:
@@ -310,7 +314,7 @@ class TwinShard(LiveModelOps):
         # its history ends at the latest ingest time logged here (a clock ahead of this one's too)
         self.store.save_deletion(tenant, asset_id, max(time.time_ns() // 1000, self.newest_ingest_us))
         self.store.forget_twin(tenant, asset_id)
-        metrics.TWINS.set(len(self.twins), shard=self.tag)
+        metrics.TWINS.set(len(self.twins), **self.tags)
         return found
 
     def retype(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:
@@ -338,7 +342,7 @@ class TwinShard(LiveModelOps):
         self.store.save_registration(tenant, asset_id, committed)
         self.twins[key], self.retyping[key], self.durable_revision[key] = twin, committed, 0
         (self.drifting.add if twin.drift else self.drifting.discard)(key)
-        metrics.TWINS_DRIFTING.set(len(self.drifting & self.twins.keys()), shard=self.tag)
+        metrics.TWINS_DRIFTING.set(len(self.drifting & self.twins.keys()), **self.tags)
         log.info("event=twin_retyped tenant=%s asset=%s from=%s@%s to=%s revision=%d", tenant, asset_id,
                  existing["artifact"]["name"], existing["artifact"]["version"], twin.artifact.ref, twin.events_applied)
         self._try_finish_retype(key)
@@ -384,7 +388,7 @@ class TwinShard(LiveModelOps):
         self.twins[key] = self._recover(record)
         self.durable_revision[key] = self.twins[key].events_applied
         self.drifting.discard(key)  # the new version's drift detector starts afresh
-        metrics.TWINS_DRIFTING.set(len(self.drifting & self.twins.keys()), shard=self.tag)
+        metrics.TWINS_DRIFTING.set(len(self.drifting & self.twins.keys()), **self.tags)
         log.info("twin_migrated tenant=%s asset=%s from=%s to=%s revision=%d", tenant, asset_id, twin.artifact.ref,
                  self.twins[key].artifact.ref, twin.events_applied)
         return twin.view(), self.twins[key].view()
@@ -448,7 +452,7 @@ class TwinShard(LiveModelOps):
         twin.clear_drift()
         if not twin.drift:
             self.drifting.discard((tenant, asset_id))
-        metrics.TWINS_DRIFTING.set(len(self.drifting & self.twins.keys()), shard=self.tag)
+        metrics.TWINS_DRIFTING.set(len(self.drifting & self.twins.keys()), **self.tags)
         log.info("drift_cleared tenant=%s asset=%s was_drifting=%s revision=%d", tenant, asset_id, was,
                  twin.events_applied)
         return twin.view()
@@ -532,10 +536,10 @@ class TwinShard(LiveModelOps):
                 drifting.discard(key)
         for outcome, count in zip(TWIN_OUTCOMES, (n_accepted, adm.duplicates, len(rejects) - adm.conflicts,
                                                   adm.conflicts), strict=True):
-            metrics.TWIN_EVENTS.inc(count, shard=self.tag, outcome=outcome)
+            metrics.TWIN_EVENTS.inc(count, **self.tags, outcome=outcome)
         for cause, count in adm.causes.items():
             metrics.DEAD_LETTERS.inc(count, stage="shard", reason=cause)
-        metrics.TWINS_DRIFTING.set(len(self.drifting & self.twins.keys()), shard=self.tag)
+        metrics.TWINS_DRIFTING.set(len(self.drifting & self.twins.keys()), **self.tags)
         if rejects:
             log.info("event=rejected shard=%d tenant=%s count=%d first_reason=%r",
                      self.index, tenant, len(rejects), rejects[0]["reason"])
@@ -587,7 +591,7 @@ class TwinShard(LiveModelOps):
             now_us = time.time_ns() // 1000
             for column, metric in (("event_time", metrics.EVENT_TO_APPLIED), ("ingest_time", metrics.INGEST_TO_APPLIED)):
                 us = column_micros(applied.column(column))
-                metric.observe_many(np.maximum(now_us - us, 0) / 1e6)
+                metric.observe_many(np.maximum(now_us - us, 0) / 1e6, **self.service)
             self.newest_ingest_us = max(self.newest_ingest_us, int(us.max()))
 
     @staticmethod

@@ -5,7 +5,8 @@ It reads what the operators' tools read, so it agrees with them: Ray's state (no
 twin shard actors with how often Ray restarted each, from Ray's state API, picked by the namespace and name prefix its
 backend exports: Ray's metrics export counts actors by class and state, every service's on the cluster together, not
 their restarts; several services' backends on the cluster: the one `--namespace` and `--store` name, never a guess),
-every alive node's metrics export summed (so counts are cluster-wide, as in `raytwin.metrics`), and,
+every alive node's metrics export summed (so counts are cluster-wide, as in `raytwin.metrics`; the twins, events, lag
+and jobs of that service only, by their series' `metrics.SERVICE_TAGS`; the other lines' series name no service), and,
 given ``--prometheus``, the alerts firing there (RayTwin's rules in ops/prometheus). Counters and
 the lag quantile from the export cover the life of the processes that recorded them; Prometheus
 and the dashboard give rates over windows. The shards expected to report are the service's configured count (the
@@ -28,6 +29,7 @@ import ray
 import typer
 from prometheus_client.parser import text_string_to_metric_families
 
+from raytwin import metrics
 from raytwin.ray_connect import unreachable
 
 Samples = list[tuple[str, dict[str, str], float]]
@@ -91,9 +93,10 @@ def scrape_nodes(timeout_s: float = 5.0) -> tuple[Samples, dict[str, str]]:
 
 
 def _by(samples: Samples, name: str, *keys: str, **match: str) -> dict[str, float]:
+    """`name`'s values summed by `keys`, of the series whose labels are `match` (a label missing: "")."""
     out: dict[str, float] = defaultdict(float)
     for n, labels, value in samples:
-        if n == name and all(labels.get(k) == v for k, v in match.items()):
+        if n == name and all(labels.get(k, "") == v for k, v in match.items()):
             out["/".join(labels.get(k, "") for k in keys)] += value
     return dict(out)
 
@@ -358,8 +361,11 @@ def collect(samples: Samples, prometheus: str | None = None, now: float | None =
     `samples` and `unscraped` (`scrape_nodes`) and Prometheus's alerts."""
     nodes = [n for n in ray.nodes() if n["Alive"]]
     total, free = ray.cluster_resources(), ray.available_resources()
-    lag = {float(le): v for le, v in _by(samples, "ray_raytwin_ingest_to_applied_seconds_bucket_total", "le").items()}
-    oldest = [v for v in _by(samples, "ray_raytwin_job_queue_oldest_submitted_timestamp_seconds").values() if v > 0]
+    of = {} if service is None else metrics.service(*service)  # its twins', events', lag's and jobs' series only
+    lag = {float(le): v
+           for le, v in _by(samples, "ray_raytwin_ingest_to_applied_seconds_bucket_total", "le", **of).items()}
+    oldest = [v for v in _by(samples, "ray_raytwin_job_queue_oldest_submitted_timestamp_seconds", **of).values()
+              if v > 0]
     status = Status(
         nodes=len(nodes), cpus=total.get("CPU", 0.0), cpus_free=free.get("CPU", 0.0),
         shards=_shard_states(samples, actors),
@@ -369,13 +375,13 @@ def collect(samples: Samples, prometheus: str | None = None, now: float | None =
         fenced=_fenced(samples),
         store_unavailable=_store_unavailable(samples),
         store_failures=_nonzero(_by(samples, "ray_raytwin_store_failures_total", "operation", "error")),
-        twins=int(sum(_by(samples, "ray_raytwin_twins").values())),
-        reporting=set(_by(samples, "ray_raytwin_twins", "shard")),
-        drifting=int(sum(_by(samples, "ray_raytwin_twins_drifting").values())),
-        events=_nonzero(_by(samples, "ray_raytwin_twin_events_total", "outcome")),
+        twins=int(sum(_by(samples, "ray_raytwin_twins", **of).values())),
+        reporting=set(_by(samples, "ray_raytwin_twins", "shard", **of)),
+        drifting=int(sum(_by(samples, "ray_raytwin_twins_drifting", **of).values())),
+        events=_nonzero(_by(samples, "ray_raytwin_twin_events_total", "outcome", **of)),
         dead_letters=_nonzero(_by(samples, "ray_raytwin_dead_letters_total", "stage", "reason")),
         lag_p95_s=bucket_quantile(0.95, lag),
-        jobs={k: int(v) for k, v in _by(samples, "ray_raytwin_jobs", "state").items()},
+        jobs={k: int(v) for k, v in _by(samples, "ray_raytwin_jobs", "state", **of).items()},
         oldest_job_age_s=(now or time.time()) - min(oldest) if oldest else None,
         connectors=_connected(samples),
         connector_down_s=_by(samples, "ray_raytwin_connector_down_seconds_total", "connector"),

@@ -61,6 +61,10 @@ LAG_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0, 300.0, 90
 """Ingest lag buckets: 10 ms (the live path) to a day (backfills)."""
 DURATION_S = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
 """Calibration run time buckets."""
+SERVICE_TAGS = ("namespace", "prefix")
+"""The tags that say which service a series counts (several may run on one cluster): its Ray namespace (its `namespace`
+setting) and its shard actors' name prefix (`actors.routing.shard_prefix` of its store's twins). `raytwin status
+--namespace/--store` reports one service's numbers by them, not the sum of every service's."""
 RECORD_INTERVAL_S = 0.5
 """How often a process hands Ray its summed counts and re-records its gauges: under Ray's shortest
 export interval (1 s), so a count reaches the export at most one export later than if handed at once."""
@@ -318,16 +322,18 @@ CREDENTIAL_REFUSAL_REASONS = ("missing", "malformed", "unknown_key", "wrong_secr
 """The reasons `CREDENTIALS_REFUSED` counts, exported at 0 where an API replica starts."""
 # ---- ingestion and twins (actors) ---------------------------------------------------------------
 TWIN_EVENTS = counter("raytwin_twin_events", "Telemetry events handled by twin shards, by outcome "
-                      "(accepted, duplicate, rejected, conflict).", "shard", "outcome")
+                      "(accepted, duplicate, rejected, conflict).", *SERVICE_TAGS, "shard", "outcome")
 DEAD_LETTERS = counter("raytwin_dead_letters", "Events refused, by stage (api: answered to the client; ingest, "
                        "shard, connector: written to the dead-letter dataset) and reason.", "stage", "reason")
-EVENT_TO_APPLIED = batch_histogram("raytwin_event_to_applied_seconds", "Event time to state applied [s].", LAG_S)
-INGEST_TO_APPLIED = batch_histogram("raytwin_ingest_to_applied_seconds", "Ingest time to state applied [s].", LAG_S)
+EVENT_TO_APPLIED = batch_histogram("raytwin_event_to_applied_seconds", "Event time to state applied [s].", LAG_S,
+                                   *SERVICE_TAGS)
+INGEST_TO_APPLIED = batch_histogram("raytwin_ingest_to_applied_seconds", "Ingest time to state applied [s].", LAG_S,
+                                    *SERVICE_TAGS)
 SHARD_BACKLOG = gauge("raytwin_shard_backlog_events", "Events sent to a shard and not yet applied, per sending "
                       "process (sum for the shard's backlog).", "shard")
 BACKPRESSURE = counter("raytwin_ingest_backpressure_seconds", "Time ingestion waited for busy shards [s].")
-TWINS = gauge("raytwin_twins", "Live twins held by a shard.", "shard")
-TWINS_DRIFTING = gauge("raytwin_twins_drifting", "Twins whose filter flags model/data drift.", "shard")
+TWINS = gauge("raytwin_twins", "Live twins held by a shard.", *SERVICE_TAGS, "shard")
+TWINS_DRIFTING = gauge("raytwin_twins_drifting", "Twins whose filter flags model/data drift.", *SERVICE_TAGS, "shard")
 FILTER_RESTARTS = counter("raytwin_filter_restarts", "Measured events a twin's filter updated from the state before "
                           "their gap because its prediction over the gap was not finite: the twin re-anchored on the "
                           "reading instead of refusing it (`Divergence.restarts`; the log's `event=filter_restarted` "
@@ -342,8 +348,7 @@ SHARDS_CONFIGURED = gauge("raytwin_shards_configured", "Twin shards the service 
                           "exported by the API backend: `raytwin status` counts the shards reporting against it, as "
                           "Ray's actor list loses a shard dead for good (out of restarts) from the service's; tagged "
                           "with the Ray namespace and the name prefix of its shard actors (`actors.routing."
-                          "shard_prefix`), which tell them from another service's on the cluster.",
-                          "namespace", "prefix")
+                          "shard_prefix`), which tell them from another service's on the cluster.", *SERVICE_TAGS)
 SHARD_UNANSWERED = counter("raytwin_shard_unanswered", "Times an Ingress replica found a twin shard leaving a call "
                            "unanswered past its deadline (hung or stalled; serve_apps/shard_deadline.py).", "shard")
 FMU_STEPS = counter("raytwin_fmu_steps", "FMU steps the filters of twins on an FMU asked for "
@@ -358,9 +363,9 @@ SCENARIO_STEPS = counter("raytwin_scenario_steps", "Simulated scenario-steps (sc
 SWEEP_SCENARIOS = counter("raytwin_sweep_scenarios", "Scenarios finished by what-if sweeps, by simulator (a declared "
                           "model's name, custom or fmu: `raytwin.sim.discovery.simulator_label`).", "simulator")
 SWEEP_RATE = gauge("raytwin_sweep_scenarios_per_second", "Throughput of the running sweep.", "simulator")
-JOBS = gauge("raytwin_jobs", "API jobs by state (queued = the queue's depth).", "state")
+JOBS = gauge("raytwin_jobs", "API jobs by state (queued = the queue's depth).", *SERVICE_TAGS, "state")
 JOB_QUEUE_OLDEST = gauge("raytwin_job_queue_oldest_submitted_timestamp_seconds", "Submission time of the oldest "
-                         "queued job [Unix s], 0 when none waits: its age is time() minus it.")
+                         "queued job [Unix s], 0 when none waits: its age is time() minus it.", *SERVICE_TAGS)
 CALIBRATIONS = counter("raytwin_calibrations", "Calibration runs finished, by outcome (succeeded, failed).",
                        "outcome")
 CALIBRATION_DURATION = batch_histogram("raytwin_calibration_duration_seconds", "Wall time of a calibration run "
@@ -415,6 +420,11 @@ DAMAGED_KINDS = ("snapshot", "log_segment")
 """The kinds of file `STORE_DAMAGED_FILES` counts (`raytwin.damage`), exported at 0 where a shard starts."""
 FMU_STEP_SOURCES = ("run", "reused")
 """The sources `FMU_STEPS` counts, exported at 0 where a process first steps an FMU."""
+
+
+def service(namespace: str, prefix: str) -> dict[str, str]:
+    """The `SERVICE_TAGS` of the service in Ray namespace `namespace` whose shard actors' names start with `prefix`."""
+    return dict(zip(SERVICE_TAGS, (namespace, prefix), strict=True))
 
 
 def zero_dead_letters(stage: str) -> None:

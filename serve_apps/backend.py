@@ -29,7 +29,6 @@ from ray import serve
 
 from actors.lease import ray_cluster
 from actors.retype import RetypeFailed
-from actors.routing import shard_prefix
 from actors.state import TwinState, UnknownTwin
 from connectors.manager import connector_tenants, stop_connector_actors
 from raytwin import metrics
@@ -165,8 +164,8 @@ class Backend:
         self.twins = TwinService(config.url("twins"), shards=config.twin_shards,
                                  namespace=config.namespace, storage_options=config.storage_options or None,
                                  lease_wait_s=config.store_lease_wait_s, own_shards=True)
-        metrics.SHARDS_CONFIGURED.set(config.twin_shards, namespace=config.namespace,  # once: this process
-                                      prefix=shard_prefix(config.url("twins")))  # re-records it (`raytwin.metrics`)
+        # once: this process re-records it (`raytwin.metrics`)
+        metrics.SHARDS_CONFIGURED.set(config.twin_shards, **config.service_tags())
         self.changes = self._change_log()
         self.jobs = JobQueue(config, config.max_concurrent_jobs, on_finish=self._job_finished,
                              fence=self.check_writable)

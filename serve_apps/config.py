@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from actors.routing import shard_prefix
+from raytwin import metrics
 from raytwin.contracts import IDENTIFIER_PATTERN, MAX_RUN_WORK
 from serve_apps.admission import Admission
 from serve_apps.deprecation import Deprecation
@@ -200,6 +202,10 @@ class ServeConfig(BaseModel):
     def url(self, *parts: str) -> str:
         """A location under the store: ``url("registry", tenant)`` -> ``{store_url}/registry/{tenant}``."""
         return "/".join([self.store_url.rstrip("/"), *parts])
+
+    def service_tags(self) -> dict[str, str]:
+        """The tags that name this service in its metrics (`raytwin.metrics.SERVICE_TAGS`)."""
+        return metrics.service(self.namespace, shard_prefix(self.url("twins")))
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None = None) -> ServeConfig:

@@ -562,6 +562,6 @@ class JobQueue:
         """Jobs by state and the oldest queued job's submission time, after every change: this
         replica is the only one, so the gauges are the cluster's values."""
         for state, n in self.stats()["states"].items():
-            metrics.JOBS.set(n, state=state)
+            metrics.JOBS.set(n, **self.config.service_tags(), state=state)
         oldest = min((self.jobs[job_id].submitted for job_id in self.pending.job_ids()), default=None)
-        metrics.JOB_QUEUE_OLDEST.set(0.0 if oldest is None else oldest.timestamp())
+        metrics.JOB_QUEUE_OLDEST.set(0.0 if oldest is None else oldest.timestamp(), **self.config.service_tags())

@@ -321,20 +321,23 @@ def test_counts_are_summed_per_series_and_handed_to_ray_once_per_interval(monkey
     monkeypatch.setitem(metrics._MADE, metrics.INGEST_TO_APPLIED, tuple(_HandedCounter(n, handed)
                                                                          for n in ("bucket", "sum", "count")))
     monkeypatch.setitem(metrics._MADE, metrics.TWIN_EVENTS, (_HandedCounter("events", handed),))
+    service = metrics.service("raytwin", "twinshard-0000000a")
     for lags in ([2**-8, 2**-6, 2**-6], [0.5, 7200.0], [0.0]):  # three calls' lags [s] (sums exact in binary)
-        metrics.INGEST_TO_APPLIED.observe_many(np.array(lags))
-        metrics.TWIN_EVENTS.inc(len(lags), shard="0", outcome="accepted")
-        metrics.TWIN_EVENTS.inc(0, shard="0", outcome="duplicate")
-    metrics.TWIN_EVENTS.inc(2, shard="1", outcome="accepted")
+        metrics.INGEST_TO_APPLIED.observe_many(np.array(lags), **service)
+        metrics.TWIN_EVENTS.inc(len(lags), **service, shard="0", outcome="accepted")
+        metrics.TWIN_EVENTS.inc(0, **service, shard="0", outcome="duplicate")
+    metrics.TWIN_EVENTS.inc(2, **service, shard="1", outcome="accepted")
     assert handed == []  # nothing handed yet: summed in the process
-    with pytest.raises(ValueError, match="raytwin_twin_events takes string values for the tags shard, outcome"):
-        metrics.TWIN_EVENTS.inc(1, shard="0")
+    with pytest.raises(ValueError, match="raytwin_twin_events takes string values for the tags namespace, prefix, "
+                                         "shard, outcome"):
+        metrics.TWIN_EVENTS.inc(1, shard="0", outcome="accepted")
     metrics.flush()
     le = dict(zip(metrics.LAG_S, [2, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 5, 6]))  # cumulative, 6 values
-    assert handed == [*(("bucket", float(n), {"le": metrics._le(b)}) for b, n in le.items()),
-                      ("bucket", 6.0, {"le": "+Inf"}), ("count", 6.0, {}), ("sum", 7200.53515625, {}),
-                      ("events", 6.0, {"shard": "0", "outcome": "accepted"}),
-                      ("events", 2.0, {"shard": "1", "outcome": "accepted"})], handed
+    assert handed == [*(("bucket", float(n), {**service, "le": metrics._le(b)}) for b, n in le.items()),
+                      ("bucket", 6.0, {**service, "le": "+Inf"}), ("count", 6.0, service),
+                      ("sum", 7200.53515625, service),
+                      ("events", 6.0, {**service, "shard": "0", "outcome": "accepted"}),
+                      ("events", 2.0, {**service, "shard": "1", "outcome": "accepted"})], handed
     handed.clear()
     metrics.flush()
     assert handed == []  # each count handed once
@@ -352,8 +355,8 @@ def test_counts_not_yet_handed_are_handed_at_a_clean_exit(tmp_path):
                 print("handed", value, tags["outcome"])
 
         metrics._MADE[metrics.TWIN_EVENTS] = (Counter(),)
-        metrics.TWIN_EVENTS.inc(3, shard="0", outcome="accepted")
-        metrics.TWIN_EVENTS.inc(4, shard="0", outcome="accepted")
+        metrics.TWIN_EVENTS.inc(3, namespace="raytwin", prefix="twinshard-0", shard="0", outcome="accepted")
+        metrics.TWIN_EVENTS.inc(4, namespace="raytwin", prefix="twinshard-0", shard="0", outcome="accepted")
     """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.splitlines() == ["handed 7.0 accepted"], (done.stdout, done.stderr)
@@ -579,7 +582,8 @@ def test_status_asks_the_clusters_own_dashboard_for_restarts_or_says_why_it_cann
 def test_status_reports_the_service_asked_for_and_refuses_to_guess_between_several(monkeypatch):
     """Two services' backends on one cluster: status took the one with the most shards, so an operator of the smaller
     read the other's configured count (and shard actors) as their service's. It reports the one `--namespace` and
-    `--store` name (the service's settings), the only one without them, and otherwise says which there are."""
+    `--store` name (the service's settings), the only one without them, and otherwise says which there are. Its
+    twins, events, lag and jobs lines added every service's numbers: they are the one service's (`SERVICE_TAGS`)."""
     from typer.testing import CliRunner
 
     from actors.routing import shard_prefix
@@ -605,6 +609,13 @@ def test_status_reports_the_service_asked_for_and_refuses_to_guess_between_sever
                        "on store any "):
         pick_service(services, "plant")
 
+    for (ns, prefix), n, lag in ((ours, 1.0, "0.02"), (theirs, 10.0, "60.0")):  # theirs: 10x the numbers, 60 s late
+        samples += [(name, {"namespace": ns, "prefix": prefix, **labels}, value) for name, labels, value in (
+            ("ray_raytwin_twins", {"shard": "0"}, 2 * n), ("ray_raytwin_twins_drifting", {"shard": "0"}, n),
+            ("ray_raytwin_twin_events_total", {"shard": "0", "outcome": "accepted"}, 3 * n),
+            ("ray_raytwin_jobs", {"state": "queued"}, n),
+            ("ray_raytwin_ingest_to_applied_seconds_bucket_total", {"le": lag}, 100 * n),
+            ("ray_raytwin_ingest_to_applied_seconds_bucket_total", {"le": "+Inf"}, 100 * n))]
     asked: list = []
     monkeypatch.setattr("cluster.status.scrape_nodes", lambda: (samples, {}))
     monkeypatch.setattr("cluster.status.shard_actors", lambda service: asked.append(service) or "not asked")
@@ -613,6 +624,10 @@ def test_status_reports_the_service_asked_for_and_refuses_to_guess_between_sever
     screen = CliRunner().invoke(app, ["status", "--namespace", "raytwin", "--store", "s3://plant/store"])
     assert screen.exit_code == 0 and asked == [ours]
     assert "shards        6 alive of 2 configured; restarts unknown (not asked)" in screen.output
+    lines = {line[:14].strip(): line[14:] for line in screen.output.splitlines()}
+    assert (lines["twins"], lines["events"], lines["lag"], lines["jobs"]) == (
+        "2 live, 1 drifting (shards 1 of 2 reporting: counts are partial; shard 1 not reporting)", "accepted 3",
+        "p95 19 ms (ingest -> applied)", "queued 1"), screen.output
 
 
 def test_status_asks_the_dashboard_ray_api_server_address_names_once_it_is_this_clusters(monkeypatch):

@@ -32,6 +32,7 @@ from raytwin.storage import STALE_TEMP_S
 from serve_apps.api import create_api
 from serve_apps.json_route import MAX_JSON_DEPTH
 from serve_apps.auth import create_key
+from serve_apps.config import ServeConfig
 from serve_apps.schemas import AssetCreate, AssetUpdate
 from tests.fixtures_serve import deployed
 from tests.ray_metrics import scrape, total, wait_until
@@ -678,6 +679,10 @@ def test_metrics_reach_rays_export_exactly(api, http, building, ray_metrics_port
         assert total(after, name, **labels) == total(before, name, **labels) + by, name  # exact, not at least
     assert total(after, "ray_raytwin_http_request_duration_seconds_count", route=route["route"]) >= 1
     assert total(after, "ray_raytwin_twins") >= 1 and "ray_raytwin_jobs" in after  # gauges stay exported
+    ours = ServeConfig.model_construct(store_url=str(api[2] / "store"), namespace="raytwin-serve-tests").service_tags()
+    for name in ("ray_raytwin_twins", "ray_raytwin_twin_events_total", "ray_raytwin_ingest_to_applied_seconds_bucket_total",
+                 "ray_raytwin_jobs", "ray_raytwin_job_queue_oldest_submitted_timestamp_seconds"):
+        assert any(ours.items() <= labels.items() for labels, _ in after[name]), name  # `raytwin status` picks by them
     assert "ray_serve_num_http_requests_total" in after  # Serve's proxy series the proxy-error alert divides by
     # exported at 0 by the Ingress from its start: its first stale reads and inline scenario show in `rate()`
     assert {lab["read"] for lab, _ in after.get("ray_raytwin_stale_reads_total", [])} == {"state", "query"}
