@@ -43,9 +43,35 @@ class InvalidConnector(ValueError):
 START_RETRY_S = 30.0
 """How long a connector whose actor could not start is reported down before its start is tried again (each
 try is a new worker process: a reader listing connectors must not start one per request)."""
+ANSWER_S = 30.0
+"""How long a call to a connector's actor (a status, pause, resume or approval) is waited for: a hung actor held the
+backend's thread for good. Past it, `unanswered` tells a slow connector from one whose process answers nothing."""
+PROBE_S = 2.0
+"""How long a late call's connector gets to answer its status (it runs beside the actor's other calls)."""
 START_CHECK_S = 10.0
 """How long `Connectors.start_declared` waits for the connectors it started to answer, so that one that cannot
 start is exported as down at once (a slower one is found by the next call that asks it)."""
+
+
+class ConnectorUnanswered(RuntimeError):
+    """A connector's actor left a call unanswered within `ANSWER_S`; the message says whether it is slow (it still
+    answers its status), restarting, or answers nothing (stopped, hung or unreachable)."""
+
+
+def unanswered(handle: Any, name: str, what: str) -> ConnectorUnanswered:
+    """Why the connector `name` (actor `handle`) left `what` unanswered within `ANSWER_S`, from a status probe
+    (`PROBE_S`; the status runs beside its other calls) and Ray's control store."""
+    from actors.failover import actor_restarting
+
+    try:
+        ray.get(handle.status.remote(), timeout=PROBE_S)
+        state = "slow: it still answers its status, and the call waits behind its other work"
+    except ray.exceptions.RayActorError:
+        state = "down: its process died"
+    except ray.exceptions.GetTimeoutError:
+        state = ("restarting: its process died and Ray starts it again" if actor_restarting(handle) else
+                 "not answering at all: its process is stopped, hung or unreachable")
+    return ConnectorUnanswered(f"connector {name!r} left {what} unanswered within {ANSWER_S:g} s; it is {state}")
 
 
 class ConnectorDown(RuntimeError):
@@ -270,12 +296,14 @@ class Connectors:
 
     def _ask(self, tenant: str, name: str, method: str) -> ConnectorStatus:
         """`method` of the connector's actor; `ConnectorDown` if the actor cannot start (not tried again for
-        `START_RETRY_S`) or may not (`hold`)."""
+        `START_RETRY_S`) or may not (`hold`); `ConnectorUnanswered` past `ANSWER_S`."""
         handle = self._handle(tenant, name)
         try:
-            answer = ray.get(getattr(handle, method).remote())
+            answer = ray.get(getattr(handle, method).remote(), timeout=ANSWER_S)
         except ray.exceptions.ActorDiedError as exc:
             raise self._failed(tenant, name, exc) from None
+        except ray.exceptions.GetTimeoutError:
+            raise unanswered(handle, name, f"its {method}") from None
         self._up(tenant, name)
         return answer
 
@@ -596,7 +624,10 @@ class Connectors:
         return self.ledger.propose(tenant, connector, asset_id, name, value, by, recommendation_id, command_id)
 
     def approve(self, tenant: str, command_id: str, by: str) -> Command:
-        """Approve (by another key than the proposer's) and send through the connector's actor."""
+        """Approve (by another key than the proposer's) and send through the connector's actor, waiting `ANSWER_S` at
+        most: past it the outcome is unknown (`ConnectorUnanswered`), and the approval is never sent again by this
+        call: it stays queued in the actor, which takes it at most once, and the command's history says what the
+        connector did once it did."""
         command = self.ledger.get(tenant, command_id)
         try:
             handle = self._handle(tenant, command.connector)
@@ -605,7 +636,14 @@ class Connectors:
                                    "cannot be sent through it; refuse the command (a refusal needs no connector), "
                                    "or declare the connector again and approve it") from None
         try:
-            return ray.get(handle.approve.remote(tenant, command.id, by))
+            return ray.get(handle.approve.remote(tenant, command.id, by), timeout=ANSWER_S)
+        except ray.exceptions.GetTimeoutError:
+            now = self.ledger.get(tenant, command_id)
+            raise ConnectorUnanswered(
+                f"outcome unknown: {unanswered(handle, command.connector, f'the approval of command {command_id}')}; "
+                f"the command is {now.status.value} now, and the connector takes the approval at most once when it "
+                "gets to it: read the command for its status before approving again, never propose it "
+                "again meanwhile") from None
         except ray.exceptions.RayActorError:  # its process died: the restarted one settles the record, never resends
             now = self.ledger.get(tenant, command_id)
             if now.status is CommandStatus.proposed:  # it stopped before it took the approval: nothing was sent

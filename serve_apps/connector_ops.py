@@ -25,20 +25,30 @@ from pydantic import ValidationError
 from connectors.commands import Command, CommandError, UnknownCommand
 from connectors.commands import unaudited as unaudited_settlement
 from connectors.kinds import UnknownKind, parse_spec
-from connectors.manager import ConnectorDown, Connectors, InvalidConnector, stop_connector_actors, unaudited
+from connectors.manager import (ConnectorDown, Connectors, ConnectorUnanswered, InvalidConnector,
+                                stop_connector_actors, unaudited)
 from connectors.spec import ConnectorSpec, Credentials, SessionTaken, UnknownConnector
 from raytwin.contracts import describe_error
 from connectors.reach import Reach
 from connectors.tenant_files import TenantFiles
 from serve_apps.audit import AuditLog
 from serve_apps.audit_steps import audited, by_system
-from serve_apps.errors import ClientIdInUse, Conflict, NotFound, Unprocessable, unwrap
+from serve_apps.errors import ApiError, ClientIdInUse, Conflict, NotFound, Unprocessable, unwrap
 from serve_apps.listing import page
 
 if TYPE_CHECKING:
     from actors.service import TwinService
 
 log = logging.getLogger("raytwin.serve.connectors")
+CONNECTOR_RETRY_AFTER_S = 5
+"""`Retry-After` of a connector that left a call unanswered (`ConnectorUnanswered`)."""
+
+
+class ConnectorUnavailable(ApiError):
+    """503: the connector's actor left the call unanswered within `connectors.manager.ANSWER_S`; the message says
+    whether it is slow or answers nothing, and for an approval that its outcome is unknown."""
+
+    status, code = 503, "connector_unavailable"
 
 
 def _api_errors(call: Callable[..., Any]) -> Callable[..., Any]:
@@ -57,6 +67,8 @@ def _api_errors(call: Callable[..., Any]) -> Callable[..., Any]:
             raise Conflict(str(unwrap(exc))) from None
         except ConnectorDown as exc:
             raise Conflict(str(exc)) from None
+        except ConnectorUnanswered as exc:
+            raise ConnectorUnavailable(str(exc), headers={"Retry-After": str(CONNECTOR_RETRY_AFTER_S)}) from None
     wrapped.__doc__ = call.__doc__
     return wrapped
 

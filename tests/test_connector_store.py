@@ -981,3 +981,55 @@ def test_a_connectors_status_reads_an_error_half_written_by_another_thread_witho
                               pump=SimpleNamespace(stats=SimpleNamespace(last_error="delivery failed", last_error_at=now)),
                               _ledger_error=None)  # (no answer of a command failed to be recorded)
     assert ConnectorRuntime._last_error(runtime) == {"last_error": "delivery failed", "last_error_at": now}
+
+
+def test_a_connector_leaving_a_call_unanswered_is_503_saying_whether_it_is_slow_and_an_approval_outcome_unknown(
+        unstarted: Unstarted, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connector's actor that answered nothing (stopped, hung) held the backend's thread on each call for good, and
+    an approval's approver never heard whether the command went out. Past `ANSWER_S` a call is 503
+    `connector_unavailable` saying whether the actor is slow (it still answers its status) or answers nothing; an
+    approval's says its outcome is unknown and the command's status, and is not sent again by the call."""
+    from ray.exceptions import GetTimeoutError
+
+    from connectors.manager import ConnectorUnanswered
+    from connectors.mqtt import MqttKind
+    from serve_apps.connector_ops import ConnectorOps, ConnectorUnavailable
+
+    monkeypatch.setattr(MqttKind, "command_problem", lambda self, *args: None)
+    unstarted.store.save(_mqtt("acme", "plant2", "gw-2"), Credentials())
+    command = unstarted.ledger.propose("acme", "plant2", "pump-1", "setpoint", {"x": 1}, by="k1")
+    hung, status_hangs, approvals = object(), [], []
+
+    def get(answer: Any, timeout: float | None = None) -> Any:
+        if answer is hung:
+            assert timeout is not None, "ray.get without a timeout on a hung connector waits forever"
+            raise GetTimeoutError("Get timed out: some object(s) not ready")
+        return answer
+
+    started = unstarted._actor
+
+    def actor(tenant: str, name: str) -> Any:
+        late = SimpleNamespace(remote=lambda *args: approvals.append(args) or hung)
+        return SimpleNamespace(status=late if status_hangs else started(tenant, name).status, pause=late,
+                               approve=late)
+
+    monkeypatch.setattr("connectors.manager.ray.get", get)
+    monkeypatch.setattr("actors.failover.actor_restarting", lambda handle: False)
+    monkeypatch.setattr(unstarted, "_actor", actor)
+    ops = ConnectorOps.__new__(ConnectorOps)
+    ops.connectors = unstarted
+    with pytest.raises(ConnectorUnavailable, match="connector 'plant2' left its pause unanswered within 30 s; it is "
+                                                   "slow: it still answers its status") as slow:
+        ops.pause("acme", "plant2")
+    assert (slow.value.status, slow.value.code, slow.value.headers) == (503, "connector_unavailable",
+                                                                         {"Retry-After": "5"})
+    status_hangs.append(True)
+    with pytest.raises(ConnectorUnavailable, match="it is not answering at all: its process is stopped, hung or "
+                                                   "unreachable"):
+        ops.pause("acme", "plant2")
+    approvals.clear()
+    with pytest.raises(ConnectorUnanswered, match=f"outcome unknown: connector 'plant2' left the approval of command "
+                                                  f"{command.id} unanswered within 30 s.*the command is proposed now"):
+        unstarted.approve("acme", command.id, "k2")
+    assert [a for a in approvals if a] == [("acme", command.id, "k2")]  # sent once, not again by the call
+    assert unstarted.ledger.get("acme", command.id).status == "proposed"
