@@ -23,13 +23,14 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from datetime import date, datetime
 from typing import Any
 
 import pyarrow as pa
 import ray
 from pydantic import TypeAdapter
-from ray.exceptions import RayTaskError
+from ray.exceptions import GetTimeoutError, RayTaskError
 
 from actors.ingest import (
     DEFAULT_BATCH_SIZE,
@@ -64,6 +65,24 @@ _RESTARTING = object()
 STATES_BATCH = 1000
 """Twins per call of `TwinService.states`: bounds a reply (0.36 MB for 1,000 twins of a two-state model, pickled)."""
 log = logging.getLogger("raytwin.twins")
+
+
+class ShardUnanswered(GetTimeoutError):
+    """A twin shard left a call unanswered past its deadline (hung or stalled): the call stays queued there and may
+    still be applied, so its outcome is unknown until `outcome` (the call's answer, or its error) completes. Why not
+    a bare timeout: a caller must not undo or repeat a write the shard may still apply (`serve_apps.twin_writes`)."""
+
+    def __init__(self, message: str, outcome: Future):
+        super().__init__(message)
+        self.outcome = outcome
+
+
+def answered(ref: Any, timeout_s: float | None, what: str) -> Any:
+    """`ray.get(ref)` within `timeout_s` (None: however long); `ShardUnanswered` past it."""
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except GetTimeoutError:
+        raise ShardUnanswered(f"{what} left unanswered within {timeout_s:g} s", ref.future()) from None
 
 
 _STARTED: set[Any] = set()
@@ -168,10 +187,12 @@ class TwinService:
 
     # ----------------------------------------------------------------- twins ----
     def register(self, asset: Asset, artifact: ModelArtifact, initial_state: dict[str, float] | None = None,
-                 initial_std: dict[str, float] | None = None) -> None:
-        """Create the twin of `asset` (or attach to it if registered identically before)."""
+                 initial_std: dict[str, float] | None = None, timeout_s: float | None = None) -> None:
+        """Create the twin of `asset` (or attach to it if registered identically before); `ShardUnanswered` past
+        `timeout_s` (None: no deadline), as for `retype`, `unregister`, `clear_drift` and `state_at`."""
         record = registration_record(asset, artifact, initial_state, initial_std)
-        ray.get(self._shard(asset.tenant, asset.id).register.remote(asset.tenant, asset.id, record))
+        answered(self._shard(asset.tenant, asset.id).register.remote(asset.tenant, asset.id, record), timeout_s,
+                 f"the registration of twin {asset.id}")
 
     def register_many(self, twins: list[tuple[Asset, ModelArtifact]]) -> int:
         """Register many twins with one call per shard (default priors); returns how many were new."""
@@ -190,7 +211,7 @@ class TwinService:
             raise UnknownTwin(f"no twin {asset.id!r} for tenant {asset.tenant!r}")
         return found
 
-    def retype(self, asset: Asset, artifact: ModelArtifact) -> None:
+    def retype(self, asset: Asset, artifact: ModelArtifact, timeout_s: float | None = None) -> None:
         """The twin of `asset`, whose type version changed, on `artifact`'s model: its history replayed
         from the same prior (`initial_state`/`initial_std` kept where the new model has those states; a
         migrated twin's from its migration's mapped state and point, `actors.retype.carried`).
@@ -208,14 +229,16 @@ class TwinService:
         keep = lambda prior: prior if prior and set(prior) <= states else None  # noqa: E731
         record = registration_record(asset, artifact, keep(old.get("initial_state")), keep(old.get("initial_std")))
         try:
-            found = ray.get(self._shard(asset.tenant, asset.id).retype.remote(asset.tenant, asset.id, record))
+            found = answered(self._shard(asset.tenant, asset.id).retype.remote(asset.tenant, asset.id, record),
+                             timeout_s, f"the move of twin {asset.id} to {artifact.ref}")
         except IncompatibleReplay as exc:  # Ray's wrapper of the shard's, which is an instance of it too
             raise exc.cause if isinstance(exc, RayTaskError) else exc from None
         if not found:
             raise UnknownTwin(f"no twin {asset.id!r} for tenant {asset.tenant!r}")
 
-    def unregister(self, tenant: str, asset_id: str) -> None:
-        if not ray.get(self._shard(tenant, asset_id).unregister.remote(tenant, asset_id)):
+    def unregister(self, tenant: str, asset_id: str, timeout_s: float | None = None) -> None:
+        if not answered(self._shard(tenant, asset_id).unregister.remote(tenant, asset_id), timeout_s,
+                        f"the stop of twin {asset_id}"):
             raise UnknownTwin(f"no twin {asset_id!r} for tenant {tenant!r}")
 
     def assets(self, tenant: str, timeout_s: float | None = None) -> list[str]:
@@ -250,11 +273,12 @@ class TwinService:
             answering += 1
         return answering
 
-    def state(self, tenant: str, asset_id: str) -> TwinState:
+    def state(self, tenant: str, asset_id: str, timeout_s: float | None = None) -> TwinState:
         """The twin's live state; while its shard restarts, its last durable state (latest snapshot)
-        with `stale=True` instead of waiting for the restart (seconds)."""
+        with `stale=True` instead of waiting for the restart (seconds). `GetTimeoutError` when a live shard leaves
+        it unanswered for `timeout_s` (None: however long)."""
         shard = self._shard(tenant, asset_id)
-        state = self._live(shard, shard.state.remote(tenant, asset_id))
+        state = self._live(shard, shard.state.remote(tenant, asset_id), timeout_s)
         if state is not _RESTARTING:
             return self._found(tenant, asset_id, state)
         log.info("event=stale_read tenant=%s asset=%s", tenant, asset_id)
@@ -298,18 +322,18 @@ class TwinService:
             except ray.exceptions.ActorUnavailableError:  # refused by the restarting shard (its call retries spent)
                 return _RESTARTING
 
-    def clear_drift(self, tenant: str, asset_id: str) -> TwinState:
+    def clear_drift(self, tenant: str, asset_id: str, timeout_s: float | None = None) -> TwinState:
         """Acknowledge a twin's drift alarm: its detector restarts from zero (a persisting fault is
         flagged again after its detection delay); returns the twin's state after the clear."""
         ref = self._shard(tenant, asset_id).clear_drift.remote(tenant, asset_id)
-        return self._found(tenant, asset_id, ray.get(ref))
+        return self._found(tenant, asset_id, answered(ref, timeout_s, f"the drift clear of twin {asset_id}"))
 
-    def state_at(self, tenant: str, asset_id: str, t: datetime) -> TwinState:
+    def state_at(self, tenant: str, asset_id: str, t: datetime, timeout_s: float | None = None) -> TwinState:
         """The state after every event with event time <= `t` (timezone-aware)."""
         if t.tzinfo is None:
             raise ValueError("state_at needs a timezone-aware datetime")
         ref = self._shard(tenant, asset_id).state_at.remote(tenant, asset_id, to_micros(t))
-        return self._found(tenant, asset_id, ray.get(ref))
+        return self._found(tenant, asset_id, answered(ref, timeout_s, f"the past state of twin {asset_id}"))
 
     @staticmethod
     def _found(tenant: str, asset_id: str, state: TwinState | None) -> TwinState:

@@ -20,6 +20,7 @@ import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
@@ -64,7 +65,9 @@ from serve_apps.recalibration_jobs import RecalibrationJobs
 from serve_apps.schemas import AssetPage, AssetTypePage, StoreFence
 from serve_apps.shadow_conclusions import conclude_running
 from serve_apps.store_errors import UNAVAILABLE_REASONS, StoreUnavailable, store_failure, unavailable
+from serve_apps.shard_deadline import RETRY_AFTER_S, TwinUnavailable
 from serve_apps.store_probe import BoundedRead
+from serve_apps.twin_writes import TwinWrites
 from serve_apps.type_models import register_published, registered
 from serve_apps.type_usage import refuse_held_type, twins_running
 from serve_apps.unawaited import outlived
@@ -175,7 +178,8 @@ class Backend:
         self.connector_ops = ConnectorOps(self.twins, config.connectors, config.connector_tls_dir,
                                           config.connector_hosts, self.audit, self._connector_fence)
         self.type_evolution = TypeEvolution(self)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the catalog's; never held while a shard is waited for
+        self._twin_writes = TwinWrites()  # one backend write per twin, each within its deadline
         self._publish = threading.Lock()
         self._fence: StoreFence | None = None
         self._fence_checked = -math.inf  # when the lease was last read (`check_writable`)
@@ -277,10 +281,11 @@ class Backend:
         """Delete a type version nothing uses: refused (409) while assets name it (the catalog), while the model
         lifecycle needs it or twins hot-swapped to it run it (`serve_apps.type_usage`), each with what to do. A retry
         of a delete cut short (its change's log write or its tombstone's removal failed) finishes that delete first
-        (`_finish_pending_delete`), then answers 404 as any delete of no type."""
+        (`_flush_pending_delete`), then answers 404 as any delete of no type."""
         self.check_writable()
         with self._lock:
-            self._finish_pending_delete(tenant, "types", f"{name}@{version}")
+            if self._flush_pending_delete(tenant, "types", f"{name}@{version}"):
+                self._forget_deleted(tenant, "types", f"{name}@{version}")
             self.catalog.check_delete_type(tenant, name, version, pre)  # 412, 404, 409 before the shards are asked
         running = twins_running(self.twins.models, tenant, f"{name}@{version}", self.config.shard_read_timeout_s)
         with self._lock:  # what may have changed while the shards answered, checked again where the delete is
@@ -293,34 +298,57 @@ class Backend:
     # ---- assets ------------------------------------------------------------------------
     def create_asset(self, asset: Asset, initial_state: dict[str, float] | None, pre: Precondition) -> int:
         """Create the asset and register its twin; its revision. A delete of its id left unfinished is finished first
-        (`_finish_pending_delete`): the new twin would otherwise attach to the deleted one, state and all."""
+        (`_finish_pending_asset_delete`): the new twin would otherwise attach to the deleted one, state and all.
+
+        The asset is recorded first, then its twin registered (outside the catalog's lock, `serve_apps.twin_writes`):
+        a registration the shard refuses deletes the asset again (`_undo_create`); one it leaves unanswered past
+        `shard_create_timeout_s` is 503, outcome unknown, and the asset stays: deleted once the shard answers only if
+        it refused the twin, so that neither is ever left without the other."""
         self.check_writable()
-        with self._lock:
-            self._finish_pending_delete(asset.tenant, "assets", asset.id)
-            self._require_production(asset)
-            checked: list[ModelArtifact] = []  # the model, once the twin's registration is known to fit it
+        timeout_s = self.config.shard_create_timeout_s
+        with self._twin_writes.one(asset.tenant, asset.id, timeout_s):
+            self._finish_pending_asset_delete(asset.tenant, asset.id)
+            with self._lock:
+                self._require_production(asset)
+                checked: list[ModelArtifact] = []  # the model, once the twin's registration is known to fit it
 
-            def write(seq: int) -> list[dict[str, Any]]:
-                asset_type = self.catalog.create_asset(asset, seq, pre)
-                try:
-                    if initial_state is not None and set(initial_state) != set(asset_type.states):
-                        raise Unprocessable(f"initial_state must give exactly {sorted(asset_type.states)} "
-                                            f"(got {sorted(initial_state)})")
-                    checked.append(self._checked_artifact(asset, initial_state))
-                except Exception:
-                    self.catalog.delete_asset(asset.tenant, asset.id, None)
-                    raise
-                return [_asset_change("asset.created", asset)]
+                def write(seq: int) -> list[dict[str, Any]]:
+                    asset_type = self.catalog.create_asset(asset, seq, pre)
+                    try:
+                        if initial_state is not None and set(initial_state) != set(asset_type.states):
+                            raise Unprocessable(f"initial_state must give exactly {sorted(asset_type.states)} "
+                                                f"(got {sorted(initial_state)})")
+                        checked.append(self._checked_artifact(asset, initial_state))
+                    except Exception:
+                        self.catalog.delete_asset(asset.tenant, asset.id, None)
+                        raise
+                    return [_asset_change("asset.created", asset)]
 
-            (change,) = self.changes.write(asset.tenant, write)
+                (change,) = self.changes.write(asset.tenant, write)
+
+            def refused(outcome: Future) -> None:
+                if outcome.exception() is not None:
+                    self._undo_create(asset)
+
             try:
-                self.twins.register(asset, checked[0], initial_state=initial_state)
+                self._twin_writes.wait(
+                    asset.tenant, asset.id,
+                    lambda: self.twins.register(asset, checked[0], initial_state=initial_state, timeout_s=timeout_s),
+                    f"GET /v1/assets/{asset.id} before creating it again: the asset stays once its twin registers, and "
+                    "is deleted (asset.deleted) if the shard refuses the twin", refused)
+            except TwinUnavailable:
+                raise
             except Exception:  # no asset without its twin
-                self.changes.write(asset.tenant, lambda seq: [
-                    _asset_change("asset.deleted", self.catalog.delete_asset(asset.tenant, asset.id, seq))])
-                self._forget_deleted(asset.tenant, "assets", asset.id)
+                self._undo_create(asset)
                 raise
             return change.seq
+
+    def _undo_create(self, asset: Asset) -> None:
+        """Delete the asset just created (recorded: `asset.deleted`), its twin refused by the shard."""
+        with self._lock:
+            self.changes.write(asset.tenant, lambda seq: [
+                _asset_change("asset.deleted", self.catalog.delete_asset(asset.tenant, asset.id, seq))])
+            self._forget_deleted(asset.tenant, "assets", asset.id)
 
     def update_asset(self, asset: Asset, pre: Precondition) -> int:
         """Replace the asset if `pre` holds (compare-and-set under the lock); its new revision.
@@ -331,52 +359,67 @@ class Backend:
         catalog first: it then named a version the twin did not run, and a PUT sent again saw no change of
         version and never moved the twin. The move is journaled before the twin moves (`serve_apps.asset_moves`):
         a failed catalog write after it (a store error, a crash) is finished at the backend's start or before the
-        asset's next read or write, and the same PUT again finishes it too (the retype is then a no-op)."""
+        asset's next read or write, and the same PUT again finishes it too (the retype is then a no-op). The twin's
+        move is waited for outside the catalog's lock, `shard_create_timeout_s` at most (`_retype_twin`)."""
         self.check_writable()
-        with self._lock:
-            self.moves.settle(asset.tenant, asset.id)  # a move left unrecorded first: this write comes after it
-            self.type_evolution.require_version(asset.tenant, [asset.type_name], asset.type_version)
-            try:
-                current: Asset | None = self.catalog.get_asset(asset.tenant, asset.id)
-            except NotFound:  # the write answers for it (404, or 412 under If-Match)
-                current = None
-            retype = current is not None and (current.type_name, current.type_version) != (asset.type_name,
-                                                                                          asset.type_version)
+        with self._twin_writes.one(asset.tenant, asset.id, self.config.shard_create_timeout_s):
+            with self._lock:
+                self.moves.settle(asset.tenant, asset.id)  # a move left unrecorded first: this write comes after it
+                self.type_evolution.require_version(asset.tenant, [asset.type_name], asset.type_version)
+                try:
+                    current: Asset | None = self.catalog.get_asset(asset.tenant, asset.id)
+                except NotFound:  # the write answers for it (404, or 412 under If-Match)
+                    current = None
+                retype = current is not None and (current.type_name, current.type_version) != (asset.type_name,
+                                                                                              asset.type_version)
+                if retype:
+                    self._require_production(asset)
+                artifact = self._checked_artifact(asset, None)  # metadata the twin would refuse: 422, nothing changed
+                if retype:
+                    self.catalog.check_update(asset, pre)  # 404, 412 or 422 before the twin moves
+                    self.moves.begin(asset, "retype")
             if retype:
-                self._require_production(asset)
-            artifact = self._checked_artifact(asset, None)  # metadata the twin would refuse: 422, nothing changed
-            if retype:
-                self.catalog.check_update(asset, pre)  # 404, 412 or 422 before the twin moves
-                self.moves.begin(asset, "retype")
                 self._retype_twin(asset, artifact)
 
             def write(seq: int) -> list[dict[str, Any]]:
                 self.catalog.update_asset(asset, seq, pre)
                 return [_asset_change("asset.updated", asset)]
 
-            try:
-                (change,) = self.changes.write(asset.tenant, write)
-            except Exception:
-                if retype:
-                    log.error("event=retype_not_recorded tenant=%s asset=%s type_version=%s: the twin runs the new "
-                              "version, the catalog still names %s; recorded at the backend's start or before the "
-                              "asset's next read or write", asset.tenant, asset.id, asset.type_version,
-                              current.type_version, exc_info=True)
-                raise
-            self.moves.end(asset.tenant, asset.id)
-            return change.seq
+            with self._lock:
+                try:
+                    (change,) = self.changes.write(asset.tenant, write)
+                except Exception:
+                    if retype:
+                        log.error("event=retype_not_recorded tenant=%s asset=%s type_version=%s: the twin runs the "
+                                  "new version, the catalog still names %s; recorded at the backend's start or before "
+                                  "the asset's next read or write", asset.tenant, asset.id, asset.type_version,
+                                  current.type_version, exc_info=True)
+                    raise
+                self.moves.end(asset.tenant, asset.id)
+                return change.seq
 
     def _retype_twin(self, asset: Asset, artifact: ModelArtifact) -> None:
         """The twin on `asset`'s type version (`TwinService.retype`), its refusals as the API's errors (the journaled
-        move dropped: nothing moved; any other error leaves it journaled, the twin may have moved)."""
+        move dropped: nothing moved; any other error leaves it journaled, the twin may have moved). Left unanswered
+        past `shard_create_timeout_s`: 503, outcome unknown, the move journaled and settled once the shard answers
+        (written to the catalog if the twin moved, dropped if not)."""
+        tenant, asset_id = asset.tenant, asset.id
+
+        def settle(_: Future) -> None:
+            with self._lock:
+                self.moves.settle(tenant, asset_id)
+
         try:
-            self.twins.retype(asset, artifact)
-        except IncompatibleReplay as exc:
-            self.moves.end(asset.tenant, asset.id)
-            raise Unprocessable(exc.explain(f"POST /v1/assets/{asset.id}/migrate"),
-                                details=[{"where": d.where, "change": d.change} for d in exc.differences]) from None
-        except RetypeFailed as exc:
-            self.moves.end(asset.tenant, asset.id)
+            self._twin_writes.wait(
+                tenant, asset_id, lambda: self.twins.retype(asset, artifact, self.config.shard_create_timeout_s),
+                f"GET /v1/assets/{asset_id} before sending the change again: its type_version says whether the twin "
+                "moved (written there once the shard answers)", settle)
+        except (IncompatibleReplay, RetypeFailed) as exc:
+            with self._lock:
+                self.moves.end(tenant, asset_id)
+            if isinstance(exc, IncompatibleReplay):
+                raise Unprocessable(exc.explain(f"POST /v1/assets/{asset_id}/migrate"),
+                                    details=[{"where": d.where, "change": d.change} for d in exc.differences]) from None
             raise Conflict(str(unwrap(exc))) from None
 
     def _require_production(self, asset: Asset) -> None:
@@ -420,14 +463,20 @@ class Backend:
 
     def get_asset(self, tenant: str, asset_id: str) -> Asset:
         with self._lock:
-            self.moves.try_settle(tenant, asset_id)
+            self._settle_move(tenant, asset_id)
             return self.catalog.get_asset(tenant, asset_id)
 
     def get_asset_revision(self, tenant: str, asset_id: str) -> tuple[Asset, int]:
         """The asset and its revision (its ETag); a journaled move of it settled first (`serve_apps.asset_moves`)."""
         with self._lock:
-            self.moves.try_settle(tenant, asset_id)
+            self._settle_move(tenant, asset_id)
             return self.catalog.get_asset(tenant, asset_id), self.catalog.revision(tenant, "assets", asset_id)
+
+    def _settle_move(self, tenant: str, asset_id: str) -> None:
+        """A read's settling of a journaled move of the asset (under the lock), unless a write of its twin runs or is
+        left unanswered (`TwinWrites.idle`): that move may still land, and is settled by its own write."""
+        if self._twin_writes.idle(tenant, asset_id):
+            self.moves.try_settle(tenant, asset_id)
 
     def list_assets(self, tenant: str, type_name: str | None, type_version: str | None, related_to: str | None,
                     relationship: RelationshipKind | None) -> list[Asset]:
@@ -459,48 +508,66 @@ class Backend:
 
     def delete_asset(self, tenant: str, asset_id: str, pre: Precondition) -> None:
         """Delete the asset and unregister its twin. A retry of a delete whose unregister failed finishes that delete
-        first (`_finish_pending_delete`), then answers 404 as any delete of no asset."""
+        first (`_finish_pending_asset_delete`), then answers 404 as any delete of no asset."""
         self.check_writable()
-        with self._lock:
-            self._finish_pending_delete(tenant, "assets", asset_id)
-            self.changes.write(tenant, lambda seq: [
-                _asset_change("asset.deleted", self.catalog.delete_asset(tenant, asset_id, seq, pre))])
+        with self._twin_writes.one(tenant, asset_id, self.config.shard_write_timeout_s):
+            self._finish_pending_asset_delete(tenant, asset_id)
+            with self._lock:
+                self.changes.write(tenant, lambda seq: [
+                    _asset_change("asset.deleted", self.catalog.delete_asset(tenant, asset_id, seq, pre))])
             self._finish_asset_delete(tenant, asset_id)
 
-    def _finish_pending_delete(self, tenant: str, kind: str, key: str) -> None:
-        """Finish a delete of the asset or type (`kind` "assets" or "types") that its tombstone shows unfinished (its
+    def _flush_pending_delete(self, tenant: str, kind: str, key: str) -> bool:
+        """Whether a delete of the asset or type (`kind` "assets" or "types") is unfinished, as its tombstone shows (its
         change's log write, an asset twin's unregister or the tombstone's removal failed: the client got the error or
-        a success with the tombstone kept), rather than leave it until the next backend's start. Its change goes on
-        the log first (a write of it that failed): without the tombstone, a crash after would leave nothing to record
-        it from."""
+        a success with the tombstone kept); its change written to the log first (a write of it that failed): without
+        the tombstone, a crash after would leave nothing to record it from. The caller, holding the lock, finishes it
+        rather than leave it until the next backend's start."""
         if (tenant, kind, key) not in self.catalog.tombstones:
-            return
+            return False
         self.changes.flush([tenant])
-        if kind == "assets":
-            self._finish_asset_delete(tenant, key)
-        else:
-            self._forget_deleted(tenant, kind, key)
+        return True
+
+    def _finish_pending_asset_delete(self, tenant: str, asset_id: str) -> None:
+        """`_flush_pending_delete` of the asset, then `_finish_asset_delete` (its twin waited for outside the lock)."""
+        with self._lock:
+            pending = self._flush_pending_delete(tenant, "assets", asset_id)
+        if pending:
+            self._finish_asset_delete(tenant, asset_id)
 
     def _finish_asset_delete(self, tenant: str, asset_id: str) -> None:
-        """What follows a recorded asset delete: its twin unregistered, then its tombstone removed, its move and twin
-        marks dropped; a failed unregister raises and keeps the tombstone for a retry or the next backend's start."""
-        self._unregister_deleted(tenant, asset_id)  # a shard killed mid-call finds none when Ray resends it
-        self._forget_deleted(tenant, "assets", asset_id)  # after the twin: a crash before, the next start ends it
-        self.moves.end(tenant, asset_id)  # a move of it left unrecorded is moot
+        """What follows a recorded asset delete: its twin unregistered (`shard_write_timeout_s` at most, outside the
+        lock), then `_twin_stopped`; a failed unregister raises and keeps the tombstone for a retry or the next
+        backend's start. One left unanswered is 503 (`serve_apps.twin_writes`), the rest done once the shard answers."""
+        def stopped(outcome: Future) -> None:
+            if outcome.exception() is None:  # (a twin it did not find is gone too)
+                self._twin_stopped(tenant, asset_id)
+
+        self._twin_writes.wait(tenant, asset_id, lambda: self._unregister_deleted(tenant, asset_id),
+                               "the asset is deleted (recorded); its twin stops once the shard answers, and a DELETE "
+                               "then answers 404", stopped)
+        self._twin_stopped(tenant, asset_id)
+
+    def _twin_stopped(self, tenant: str, asset_id: str) -> None:
+        """The end of an asset delete once its twin is gone: its tombstone removed, its move and twin marks dropped."""
+        with self._lock:
+            self._forget_deleted(tenant, "assets", asset_id)  # after the twin: a crash before, the next start ends it
+            self.moves.end(tenant, asset_id)  # a move of it left unrecorded is moot
         with self._publish:
             self._twin_marks.pop((tenant, asset_id), None)
 
     def _unregister_deleted(self, tenant: str, asset_id: str) -> None:
-        """Unregister the twin of a deleted asset, if it is still registered: the delete is done (its tombstone and
-        change written) and answered as such when no twin is found, as after a shard killed mid-`unregister`, whose
-        call Ray resent to the restarted shard, or a crash that cut a delete short (`record_lost_catalog_changes`)."""
+        """Unregister the twin of a deleted asset, if it is still registered, within `shard_write_timeout_s`
+        (`ShardUnanswered` past it): the delete is done (its tombstone and change written) and answered as such when
+        no twin is found, as after a shard killed mid-`unregister`, whose call Ray resent to the restarted shard, or a
+        crash that cut a delete short (`record_lost_catalog_changes`)."""
         with suppress(UnknownTwin):
-            self.twins.unregister(tenant, asset_id)
+            self.twins.unregister(tenant, asset_id, self.config.shard_write_timeout_s)
 
     def _forget_deleted(self, tenant: str, kind: str, key: str) -> None:
         """Remove a delete's tombstone once its change is recorded and its twin unregistered
         (`Catalog.forget_deleted`); a failure is logged only: the delete is done and recorded, and its tombstone, kept,
-        is removed by a retry of the delete (`_finish_pending_delete`) or the next backend's start."""
+        is removed by a retry of the delete (`_flush_pending_delete`) or the next backend's start."""
         try:
             self.catalog.forget_deleted(tenant, kind, key)
         except Exception as exc:  # noqa: BLE001 - answered as the delete it is; cleaned at the next start
@@ -603,10 +670,24 @@ class Backend:
         self.get_asset(tenant, asset_id)  # 404 for unknown and other tenants' assets
         if (tenant, asset_id) not in self._twin_marks:
             self._mark(tenant, asset_id)
-        try:
-            s = self.twins.clear_drift(tenant, asset_id)
-        except UnknownTwin:
-            raise NotFound(f"asset {asset_id} has no live twin") from None
+        timeout_s = self.config.shard_write_timeout_s
+
+        def cleared(outcome: Future) -> None:  # past the deadline: its change recorded once the shard answers
+            if outcome.exception() is None and (late := outcome.result()) is not None:
+                self._record_clear(tenant, asset_id, late)
+
+        with self._twin_writes.one(tenant, asset_id, timeout_s):
+            try:
+                s = self._twin_writes.wait(
+                    tenant, asset_id, lambda: self.twins.clear_drift(tenant, asset_id, timeout_s),
+                    "GET the twin's divergence: its drift flag says whether the clear was applied", cleared)
+            except UnknownTwin:
+                raise NotFound(f"asset {asset_id} has no live twin") from None
+        self._record_clear(tenant, asset_id, s)
+        return s.model_dump(mode="json")
+
+    def _record_clear(self, tenant: str, asset_id: str, s: TwinState) -> None:
+        """Record `twin.drift` for a drift clear that lowered the twin's flag (state `s`, after the clear)."""
         with self._publish:
             revision, drift = self._twin_marks.get((tenant, asset_id), (-1, False))
             queued = None
@@ -615,7 +696,6 @@ class Backend:
                 self._twin_marks[(tenant, asset_id)] = (s.revision, False)
         if queued is not None:
             self.changes.commit(tenant, queued)
-        return s.model_dump(mode="json")
 
     def _mark(self, tenant: str, asset_id: str, live: TwinState | None = None) -> None:
         """Start the twin's mark, which its changes are published relative to, at what the change log last recorded
@@ -624,10 +704,16 @@ class Backend:
         newer than its twins' snapshots), whose next batches would otherwise be taken as old ones and dropped."""
         recorded = self.changes.recorded_mark(tenant, asset_id)
         if live is None:
+            timeout_s = self.config.shard_read_timeout_s
             try:
-                live = self.twins.state(tenant, asset_id)
+                live = self.twins.state(tenant, asset_id, timeout_s)
             except UnknownTwin:
                 return
+            except ray.exceptions.GetTimeoutError:  # a hung shard: the write that needs the mark is refused
+                raise TwinUnavailable(f"the shard holding twin {asset_id} left the read of its state unanswered within "
+                                      f"{timeout_s:g} s (a hung or stalled process; other twins are unaffected): "
+                                      f"nothing was done; retry after {RETRY_AFTER_S} s",
+                                      headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         if recorded is None or (live.revision < recorded[0] and not live.stale):
             recorded = (live.revision, live.divergence.drift)
         self._twin_marks.setdefault((tenant, asset_id), recorded)

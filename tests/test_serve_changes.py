@@ -358,13 +358,16 @@ def _deleting_backend(tmp_path: Path, unregister) -> tuple:
     from types import SimpleNamespace
 
     from serve_apps.backend import Backend
+    from serve_apps.twin_writes import TwinWrites
 
     ended: list[str] = []
     backend = Backend.__new__(Backend)
     backend.check_writable = lambda: None
     backend._lock, backend._publish, backend._twin_marks = threading.Lock(), threading.Lock(), {("acme", "zone"): 3}
+    backend._twin_writes = TwinWrites()
+    backend.config = SimpleNamespace(shard_read_timeout_s=5.0, shard_write_timeout_s=15.0, shard_create_timeout_s=60.0)
     backend.catalog, backend.changes = Catalog(str(tmp_path / "catalog")), ChangeLog(str(tmp_path / "changes"))
-    backend.twins = SimpleNamespace(unregister=unregister)
+    backend.twins = SimpleNamespace(unregister=lambda tenant, asset_id, timeout_s=None: unregister(tenant, asset_id))
     backend.moves = SimpleNamespace(end=lambda tenant, asset_id: ended.append(asset_id))
     if not backend.catalog.tenants():
         thermal = AssetType.from_model(THERMAL_RC)
@@ -443,7 +446,7 @@ def test_a_create_of_an_id_whose_delete_left_its_twin_registered_finishes_that_d
 
     calls: list[tuple[str, str]] = []
     backend, ended = _deleting_backend(tmp_path, unregister)
-    backend.twins.register = lambda asset, artifact, initial_state: calls.append(("register", asset.id))
+    backend.twins.register = lambda asset, artifact, initial_state, timeout_s=None: calls.append(("register", asset.id))
     backend._require_production, backend._checked_artifact = lambda asset: None, lambda asset, state: "artifact"
     with pytest.raises(ShardDeadline):
         backend.delete_asset("acme", "zone", Precondition())
@@ -505,6 +508,199 @@ def test_a_delete_whose_backend_was_killed_before_the_twin_is_finished_by_the_ne
     assert [c.kind for c in ChangeLog(str(tmp_path / "changes")).store.read("acme", 2, 10)] == ["asset.deleted"]
 
 
+class _Held:
+    """A shard call its hung shard leaves unanswered: `_held_get` times it out (and fails the test where `ray.get` is
+    given no timeout: it would wait for good); `outcome`, completed by the test, is the shard's late answer."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import Future
+
+        self.outcome: Future = Future()
+
+    def future(self):
+        return self.outcome
+
+
+def _held_get(ref, timeout=None):
+    from ray.exceptions import GetTimeoutError
+
+    assert timeout is not None, "ray.get without a timeout on a hung shard waits forever"
+    raise GetTimeoutError(f"Get timed out: some object(s) not ready after {timeout} s")
+
+
+def _hung_twins(monkeypatch, backend) -> dict[str, _Held]:
+    """`backend.twins`, a `TwinService` over one shard that leaves every register and unregister unanswered (`_Held`,
+    by method and asset id in the dict returned)."""
+    from types import SimpleNamespace
+
+    from actors.service import TwinService
+
+    held: dict[str, _Held] = {}
+
+    def call(method: str):
+        return SimpleNamespace(remote=lambda tenant, asset_id, *rest: held.setdefault(f"{method} {asset_id}", _Held()))
+
+    monkeypatch.setattr("actors.service.ray.get", _held_get)
+    monkeypatch.setattr("actors.service.registration_record", lambda *args: {})
+    twins = TwinService.__new__(TwinService)
+    twins._shards = [SimpleNamespace(register=call("register"), unregister=call("unregister"))]
+    twins.router = SimpleNamespace(shards=1)
+    backend.twins = twins
+    backend._require_production, backend._checked_artifact = lambda asset: None, lambda asset, state: "artifact"
+    return held
+
+
+def _settled(backend, asset_id: str) -> None:
+    """Wait (generously: a settle runs on a thread of its own) until the twin's late write is settled."""
+    deadline = time.monotonic() + 30
+    while not backend._twin_writes.idle("acme", asset_id):
+        assert time.monotonic() < deadline, f"the late write of {asset_id} was never settled"
+        time.sleep(0.01)
+
+
+def test_a_create_its_shard_leaves_unanswered_is_503_outcome_unknown_and_holds_no_lock_then_settles(tmp_path,
+                                                                                                 monkeypatch):
+    """`create_asset` waited on the twin's registration without a deadline under `Backend._lock`: a hung shard held
+    every tenant's asset writes, and a cleanup after the Ingress deadline would have left a twin without its asset.
+    Past `shard_create_timeout_s` it is 503 `twin_unavailable` saying the outcome is unknown, the lock free; the asset
+    stays recorded, its twin's other writes are refused until the shard answers, and then the asset is deleted only if
+    the shard refused its twin."""
+    from serve_apps.shard_deadline import TwinUnavailable
+
+    backend, _ = _deleting_backend(tmp_path, pytest.fail)
+    held = _hung_twins(monkeypatch, backend)
+    thermal = AssetType.from_model(THERMAL_RC)
+    refused, kept = (Asset(id=a, tenant="acme", type_name=thermal.name, type_version=thermal.version)
+                     for a in ("pump", "fan"))
+    for asset in (refused, kept):
+        with pytest.raises(TwinUnavailable, match=f"outcome unknown: the registration of twin {asset.id} left "
+                                                  "unanswered within 60 s") as unknown:
+            backend.create_asset(asset, None, Precondition())
+        assert unknown.value.headers == {"Retry-After": "2"} and f"GET /v1/assets/{asset.id}" in unknown.value.message
+    assert backend._lock.acquire(blocking=False), "a hung shard holds the catalog's lock"
+    backend._lock.release()
+    assert {a.id for a in backend.catalog.list_assets("acme", None, None, None, None)} == {"zone", "pump", "fan"}
+    with pytest.raises(TwinUnavailable, match="its shard has not answered an earlier write yet"):
+        backend.delete_asset("acme", "pump", Precondition())  # would stop a twin the late registration then makes
+    assert "unregister pump" not in held
+
+    held["register pump"].outcome.set_exception(RuntimeError("the shard refused the twin"))
+    held["register fan"].outcome.set_result(None)
+    _settled(backend, "pump")
+    _settled(backend, "fan")
+    assert {a.id for a in backend.catalog.list_assets("acme", None, None, None, None)} == {"zone", "fan"}
+    assert [(c.kind, c.asset_id) for c in backend.changes.store.read("acme", 2, 10)] == [
+        ("asset.created", "pump"), ("asset.created", "fan"), ("asset.deleted", "pump")]
+
+
+def test_a_delete_whose_twin_stop_is_unanswered_is_503_keeps_its_tombstone_and_ends_once_the_shard_answers(
+        tmp_path, monkeypatch):
+    """`delete_asset` waited on the twin's unregister without a deadline under `Backend._lock`. Past
+    `shard_write_timeout_s` it is 503 saying the asset is deleted and its twin stops once the shard answers; its
+    tombstone stays, a create of the id is refused meanwhile (its registration would attach to the twin still
+    there), other twins' writes go on, and the shard's answer ends the delete."""
+    from serve_apps.shard_deadline import TwinUnavailable
+
+    backend, _ = _deleting_backend(tmp_path, pytest.fail)
+    held = _hung_twins(monkeypatch, backend)
+    with pytest.raises(TwinUnavailable, match="outcome unknown: the stop of twin zone left unanswered within 15 s.*"
+                                              "the asset is deleted"):
+        backend.delete_asset("acme", "zone", Precondition())
+    assert set(backend.catalog.tombstones) == {("acme", "assets", "zone")}
+    thermal = AssetType.from_model(THERMAL_RC)
+    zone = Asset(id="zone", tenant="acme", type_name=thermal.name, type_version=thermal.version)
+    with pytest.raises(TwinUnavailable, match="its shard has not answered an earlier write yet"):
+        backend.create_asset(zone, None, Precondition())
+    assert "register zone" not in held
+    held["unregister zone"].outcome.set_result(True)
+    _settled(backend, "zone")
+    assert backend.catalog.tombstones == {} == Catalog(str(tmp_path / "catalog")).tombstones
+    assert backend._twin_marks == {}
+    assert [c.kind for c in backend.changes.store.read("acme", 2, 10)] == ["asset.deleted"]
+
+
+def _unanswered(what: str, held: _Held):
+    """A `TwinService` method whose shard leaves it unanswered: `ShardUnanswered` with `held`'s outcome, once given a
+    deadline (the test fails where none is given: the call would wait for good)."""
+    from actors.service import ShardUnanswered
+
+    def call(*args):
+        timeout_s = args[2] if len(args) > 2 else None  # (asset, artifact, timeout_s) or (tenant, asset_id, timeout_s)
+        assert timeout_s is not None, f"{what} waits on a hung shard without a deadline"
+        raise ShardUnanswered(f"{what} left unanswered within {timeout_s:g} s", held.outcome)
+
+    return call
+
+
+def test_a_retype_its_shard_leaves_unanswered_is_503_and_its_move_is_settled_by_the_shards_answer_not_a_read(
+        tmp_path):
+    """`update_asset` waited on the twin's move without a deadline under `Backend._lock`. Past `shard_create_timeout_s`
+    it is 503, outcome unknown, the lock free; the move stays journaled: a read does not settle it meanwhile (it would
+    drop a move the shard may still make), another write of the twin is refused, and the shard's answer settles it."""
+    from types import SimpleNamespace
+
+    from serve_apps.shard_deadline import TwinUnavailable
+
+    backend, _ = _deleting_backend(tmp_path, pytest.fail)
+    thermal = AssetType.from_model(THERMAL_RC)
+    newer = thermal.model_copy(update={"version": "1.0.1"})
+    backend.changes.write("acme", lambda seq: backend.catalog.put_type("acme", newer, seq) and [
+        {"kind": "asset_type.created"}])
+    moves: list[str] = []
+    backend.moves = SimpleNamespace(**{step: (lambda step: lambda *args: moves.append(step))(step)
+                                       for step in ("begin", "settle", "try_settle", "end")})
+    backend.type_evolution = SimpleNamespace(require_version=lambda *args: None)
+    backend._require_production, backend._checked_artifact = lambda asset: None, lambda asset, state: "artifact"
+    held = _Held()
+    backend.twins = SimpleNamespace(retype=_unanswered("the move of twin zone to thermal_rc@1.0.1", held))
+    moved = Asset(id="zone", tenant="acme", type_name=thermal.name, type_version="1.0.1")
+    with pytest.raises(TwinUnavailable, match="outcome unknown: the move of twin zone to thermal_rc@1.0.1 left "
+                                              "unanswered within 60 s.*its type_version says whether the twin moved"):
+        backend.update_asset(moved, Precondition())
+    assert backend._lock.acquire(blocking=False), "a hung shard holds the catalog's lock"
+    backend._lock.release()
+    assert moves == ["settle", "begin"]
+    assert backend.get_asset("acme", "zone").type_version == "1.0.0" and moves == ["settle", "begin"]  # not settled
+    with pytest.raises(TwinUnavailable, match="its shard has not answered an earlier write yet"):
+        backend.update_asset(moved, Precondition())
+    held.outcome.set_result(True)
+    _settled(backend, "zone")
+    assert moves == ["settle", "begin", "settle"]
+
+
+def test_a_drift_clear_its_shard_leaves_unanswered_is_503_and_its_change_is_recorded_once_the_shard_answers(
+        tmp_path):
+    """`clear_drift` (and the read of the twin's state before a first write) waited on the shard without a deadline.
+    A state read past `shard_read_timeout_s` is 503 with nothing done; a clear past `shard_write_timeout_s` is 503,
+    outcome unknown, and its `twin.drift` change is recorded once the shard answers."""
+    from types import SimpleNamespace
+
+    from serve_apps.shard_deadline import TwinUnavailable
+
+    backend, _ = _deleting_backend(tmp_path, pytest.fail)
+    backend.moves = SimpleNamespace(try_settle=lambda *args: None)
+    held = _Held()
+    backend.twins = SimpleNamespace(state=_hung_state, clear_drift=_unanswered("the drift clear of twin zone", held))
+    backend._twin_marks = {}
+    with pytest.raises(TwinUnavailable, match="left the read of its state unanswered within 5 s.*nothing was done"):
+        backend.clear_drift("acme", "zone")
+    backend._twin_marks = {("acme", "zone"): (3, True)}
+    with pytest.raises(TwinUnavailable, match="outcome unknown: the drift clear of twin zone left unanswered within "
+                                              "15 s.*its drift flag says whether the clear was applied"):
+        backend.clear_drift("acme", "zone")
+    held.outcome.set_result(_thermal("zone", revision=3, drift=False))
+    _settled(backend, "zone")
+    assert [(c.kind, c.data["drift"]) for c in backend.changes.store.read("acme", 2, 10)] == [("twin.drift", False)]
+    assert backend._twin_marks == {("acme", "zone"): (3, False)}
+
+
+def _hung_state(tenant: str, asset_id: str, timeout_s: float | None = None):
+    from ray.exceptions import GetTimeoutError
+
+    assert timeout_s is not None, "a state read waits on a hung shard without a deadline"
+    raise GetTimeoutError(f"Get timed out: some object(s) not ready after {timeout_s} s")
+
+
 def _failing_removals(catalog: Catalog, failures: list[Exception]) -> None:
     """Make the catalog's file removals raise `failures` in turn (one per removal), then remove again; raised by its
     filesystem, as a store's errors are. The catalog's own reference is replaced: the shared filesystem is not."""
@@ -544,7 +740,7 @@ def test_a_delete_whose_tombstone_removal_failed_is_finished_by_its_retry_a_crea
     assert backend.catalog.tombstones == {} == Catalog(str(catalog_dir)).tombstones
     assert unregistered == [("acme", "zone")] * 2  # (a twin the retry does not find is answered as done)
 
-    backend.twins.register = lambda asset, artifact, initial_state: None
+    backend.twins.register = lambda asset, artifact, initial_state, timeout_s=None: None
     backend._require_production, backend._checked_artifact = lambda asset: None, lambda asset, state: "artifact"
     thermal = AssetType.from_model(THERMAL_RC)
     zone = Asset(id="zone", tenant="acme", type_name=thermal.name, type_version=thermal.version)
@@ -1107,7 +1303,7 @@ class _Shard:
             return IngestReport(duplicates=len(events))
         return IngestReport(accepted=len(new), duplicates=len(events) - len(new), states=[self.state(tenant, "zone-3")])
 
-    def state(self, tenant, asset_id):
+    def state(self, tenant, asset_id, timeout_s=None):
         return _thermal("zone-3", len(self.seen), self.drift)
 
 
@@ -1123,12 +1319,13 @@ def _backend_over(shard: _Shard, log: ChangeLog):
     from types import SimpleNamespace
 
     from serve_apps.backend import Backend
+    from serve_apps.twin_writes import TwinWrites
 
     backend = Backend.__new__(Backend)
     backend._publish, backend._twin_marks, backend.changes, backend.twins = threading.Lock(), {}, log, shard
-    backend._applying = Counter()
+    backend._applying, backend._twin_writes = Counter(), TwinWrites()
     backend.jobs, backend._started = SimpleNamespace(ended=[], jobs={}), None  # no job to catch up
-    backend.config = SimpleNamespace(shard_read_timeout_s=5.0)
+    backend.config = SimpleNamespace(shard_read_timeout_s=5.0, shard_write_timeout_s=15.0)
     backend.recalibration = SimpleNamespace(trigger=SimpleNamespace(waiting=lambda tenant: False,
                                                                     poll=lambda tenant: None))
     return backend
@@ -1321,7 +1518,7 @@ def test_a_backend_restarted_over_a_clean_log_catches_up_nothing(tmp_path):
     shard.drift = True
     first.apply("acme", _batch(10, 10))
     shard.drift = False
-    first.twins.clear_drift = lambda tenant, asset_id: shard.state(tenant, asset_id)
+    first.twins.clear_drift = lambda tenant, asset_id, timeout_s: shard.state(tenant, asset_id)
     first.get_asset = lambda tenant, asset_id: None
     first.clear_drift("acme", "zone-3")
     recorded = [("twin.state", 10, False), ("twin.state", 20, True), ("twin.drift", 20, True),
