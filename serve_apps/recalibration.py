@@ -409,7 +409,7 @@ class Recalibrator:
             from serve_apps.store_errors import store_outage  # here: the SDK imports this module, without FastAPI
 
             error = scrub_locations(f"{type(exc).__name__}: {exc}")[:500]
-            if store_outage(exc) and job.attempts < MAX_ATTEMPTS:
+            if (store_outage(exc) or isinstance(exc, TimeoutError)) and job.attempts < MAX_ATTEMPTS:
                 self._defer(job, error)
                 return
             log.exception("event=recalibration_launch_failed tenant=%s job=%s", job.tenant, job.job_key)
@@ -420,7 +420,9 @@ class Recalibrator:
 
     def _defer(self, job: RecalJob, error: str) -> None:
         """Launch `job` again later (`relaunch`): the store failed its launch (its window's read or write, its audit
-        intent), which says nothing of the fit. Failing it would lose the trigger, for the twin stays latched."""
+        intent), or the twin's shard left its state reads unanswered within `shard_read_timeout_s` (a `TimeoutError`:
+        hung or stalled), which says nothing of the fit. Failing it would lose the trigger, for the twin stays
+        latched."""
         delay_s = LAUNCH_RETRY_S * job.attempts
         log.warning("event=recalibration_launch_deferred tenant=%s job=%s attempt=%d retry_in_s=%g error=%r", job.tenant,
                     job.job_key, job.attempts, delay_s, error)

@@ -75,11 +75,12 @@ class RecalibrationJobs:
         remove_groups(tune_owner(tenant, job.job_key))  # an earlier attempt's, killed with a restarted backend
         artifact = self._registry(tenant).get(job.model_ref)
         trigger = next(t for t in job.triggers if t.asset_id == job.asset_id)
-        until = job.window_end or trigger.event_time or self.twins.state(tenant, job.asset_id).event_time
+        timeout_s = self.config.shard_read_timeout_s  # a hung shard fails the launch, deferred (`Recalibrator._start`)
+        until = job.window_end or trigger.event_time or self.twins.state(tenant, job.asset_id, timeout_s).event_time
         names = [*artifact.asset_type.inputs, *artifact.asset_type.outputs]
         table, start = window_table(self.events, tenant, job.asset_id, names, until, policy.window_s,
                                     policy.max_samples, held=held_inputs(artifact))
-        estimate = self.twins.state_at(tenant, job.asset_id, start)  # the estimate at the first sample
+        estimate = self.twins.state_at(tenant, job.asset_id, start, timeout_s)  # the estimate at the first sample
         url = self.config.url("recalibration", tenant, "windows", f"{job.job_key}.parquet")
         stored = self.policies.get_stored(tenant, artifact.name)  # who set the policy in force: not its approver
         write_window(table, url, self.config.storage_options or None)

@@ -441,6 +441,31 @@ def test_a_launch_the_store_failed_is_deferred_and_launched_again_not_failed(tmp
     assert w.launched[-1].asset_id == "c"
 
 
+def test_a_launch_whose_twin_shard_left_its_state_unanswered_is_deferred_not_failed(tmp_path):
+    """A launch reads the twin's state and its state at the window's start (`RecalibrationJobs._launch`), each within
+    `shard_read_timeout_s`: a hung shard's `GetTimeoutError` says nothing of the fit, so the job is launched again
+    later, as after a store outage, rather than failed with the trigger lost."""
+    from ray.exceptions import GetTimeoutError
+
+    from serve_apps.recalibration import LAUNCH_RETRY_S
+
+    w = World(tmp_path)
+    deferred: list[tuple[float, Callable[[], None]]] = []
+    w.trigger.later = lambda delay_s, fn: deferred.append((delay_s, fn)) or (lambda: deferred.remove((delay_s, fn)))
+    failures = [GetTimeoutError("the past state of twin a left unanswered within 5 s")]
+
+    def launch(job, policy):
+        if failures:
+            raise failures.pop(0)
+        w.launched.append(job)
+
+    w.trigger.launch = launch
+    w.drift(["a"])
+    assert not w.launched and [d for d, _ in deferred] == [LAUNCH_RETRY_S] and not w.trigger.snapshot("acme").finished
+    deferred.pop()[1]()
+    assert [j.asset_id for j in w.launched] == ["a"]
+
+
 def test_lifecycle_records_without_triggers_keep_their_hash():
     """Evidence gained `triggers`: a record written before must still verify."""
     from raytwin.lifecycle import Evidence, TransitionRecord, record_hash
