@@ -202,11 +202,13 @@ class TwinService:
             by_shard.setdefault(shard_index(a.tenant, a.id, self.router.shards), []).append(item)
         return sum(ray.get([self._shards[i].register_many.remote(items) for i, items in by_shard.items()]))
 
-    def migrate(self, asset: Asset, artifact: ModelArtifact, plan: MigrationPlan) -> tuple[TwinState, TwinState]:
+    def migrate(self, asset: Asset, artifact: ModelArtifact, plan: MigrationPlan,
+                timeout_s: float | None = None) -> tuple[TwinState, TwinState]:
         """Move the twin of `asset` (already carrying its new type version) to `artifact`'s model,
         its state mapped by `plan`, at a clean point in its shard; (state before, state after)."""
         target = registration_record(asset, artifact, None, None)
-        found = ray.get(self._shard(asset.tenant, asset.id).migrate.remote(asset.tenant, asset.id, target, plan))
+        found = answered(self._shard(asset.tenant, asset.id).migrate.remote(asset.tenant, asset.id, target, plan),
+                         timeout_s, f"the migration of twin {asset.id} to {artifact.ref}")
         if found is None:
             raise UnknownTwin(f"no twin {asset.id!r} for tenant {asset.tenant!r}")
         return found

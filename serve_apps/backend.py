@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import logging
 import math
 import threading
@@ -404,16 +405,12 @@ class Backend:
         past `shard_create_timeout_s`: 503, outcome unknown, the move journaled and settled once the shard answers
         (written to the catalog if the twin moved, dropped if not)."""
         tenant, asset_id = asset.tenant, asset.id
-
-        def settle(_: Future) -> None:
-            with self._lock:
-                self.moves.settle(tenant, asset_id)
-
         try:
             self._twin_writes.wait(
                 tenant, asset_id, lambda: self.twins.retype(asset, artifact, self.config.shard_create_timeout_s),
                 f"GET /v1/assets/{asset_id} before sending the change again: its type_version says whether the twin "
-                "moved (written there once the shard answers)", settle)
+                "moved (written there once the shard answers)", functools.partial(self._settle_late_move, tenant,
+                                                                                 asset_id))
         except (IncompatibleReplay, RetypeFailed) as exc:
             with self._lock:
                 self.moves.end(tenant, asset_id)
@@ -421,6 +418,12 @@ class Backend:
                 raise Unprocessable(exc.explain(f"POST /v1/assets/{asset_id}/migrate"),
                                     details=[{"where": d.where, "change": d.change} for d in exc.differences]) from None
             raise Conflict(str(unwrap(exc))) from None
+
+    def _settle_late_move(self, tenant: str, asset_id: str, _: Future) -> None:
+        """Settle the journaled move of an asset whose twin's shard answered its move late (`TwinWrites.wait`):
+        written to the catalog if the twin moved, dropped if not (`serve_apps.asset_moves`)."""
+        with self._lock:
+            self.moves.settle(tenant, asset_id)
 
     def _require_production(self, asset: Asset) -> None:
         """`Conflict` unless the asset's version may run on a new twin: once its model has a production

@@ -1,16 +1,19 @@
 """Schema evolution on the backend: moving assets and their twins to another type version, and
 deprecation marks on type versions (`Backend.evolution(op, ...)` dispatches here).
 
-A migration runs under the backend's catalog lock, so no other catalog write interleaves: the
-mapping is checked (`raytwin.migration`), the twin moves at a clean point in its shard
-(`actors.shard.TwinShard.migrate`: between two ingest calls, no event lost or applied twice), and
-then the asset's new type version is written and recorded in the change log (`asset.updated`). The
-move is journaled before the twin moves (`serve_apps.asset_moves`), so a catalog write that does not
-follow (a store error, a crash) is finished by the backend, not left for the client to send again.
+A migration is the asset's one backend write while it runs (`serve_apps.twin_writes`): the mapping is
+checked (`raytwin.migration`) under the backend's catalog lock, the twin moves at a clean point in its
+shard (`actors.shard.TwinShard.migrate`: between two ingest calls, no event lost or applied twice)
+outside it, within `shard_create_timeout_s`, and then the asset's new type version is written and
+recorded in the change log (`asset.updated`), under the lock again. The move is journaled before the
+twin moves (`serve_apps.asset_moves`), so a catalog write that does not follow (a store error, a crash,
+a shard that answered past the deadline) is finished by the backend, not left for the client to send
+again.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -38,29 +41,36 @@ class TypeEvolution:
     def migrate(self, tenant: str, asset_id: str, request: MigrationRequest, pre: Precondition) -> dict[str, Any]:
         """Move the asset and its twin to `request.type_version`; what the route answers."""
         b = self.backend
-        with b._lock:
-            b.moves.settle(tenant, asset_id)  # a move left unrecorded first (`serve_apps.asset_moves`)
-            catalog = b.catalog
-            asset = catalog.get_asset(tenant, asset_id)
-            catalog.check(pre, tenant, "assets", asset_id, f"asset {asset_id}")  # before the twin moves
-            if request.type_version == asset.type_version:
-                raise Unprocessable(f"asset {asset_id} is already on {asset.type_name}@{asset.type_version}")
-            self.require_version(tenant, [asset.type_name], request.type_version)
-            moved = asset.model_copy(update={"type_version": request.type_version})
-            b._require_production(moved)
-            source = b._artifact(tenant, asset).model()
-            target = b._checked_artifact(moved, None)
+        timeout_s = b.config.shard_create_timeout_s
+        with b._twin_writes.one(tenant, asset_id, timeout_s):
+            with b._lock:
+                b.moves.settle(tenant, asset_id)  # a move left unrecorded first (`serve_apps.asset_moves`)
+                catalog = b.catalog
+                asset = catalog.get_asset(tenant, asset_id)
+                catalog.check(pre, tenant, "assets", asset_id, f"asset {asset_id}")  # before the twin moves
+                if request.type_version == asset.type_version:
+                    raise Unprocessable(f"asset {asset_id} is already on {asset.type_name}@{asset.type_version}")
+                self.require_version(tenant, [asset.type_name], request.type_version)
+                moved = asset.model_copy(update={"type_version": request.type_version})
+                b._require_production(moved)
+                source = b._artifact(tenant, asset).model()
+                target = b._checked_artifact(moved, None)
+                try:
+                    plan = plan_migration({v.name: v.unit for v in source.states},
+                                          {v.name: v.unit for v in target.model().states}, request.states,
+                                          target.asset_type)
+                except MigrationError as exc:
+                    raise Unprocessable(f"asset {asset_id} to {moved.type_name}@{moved.type_version}: {exc}") from None
+                b.moves.begin(moved, "migrate")  # the twin moves before the catalog is written
             try:
-                plan = plan_migration({v.name: v.unit for v in source.states},
-                                      {v.name: v.unit for v in target.model().states}, request.states,
-                                      target.asset_type)
-            except MigrationError as exc:
-                raise Unprocessable(f"asset {asset_id} to {moved.type_name}@{moved.type_version}: {exc}") from None
-            b.moves.begin(moved, "migrate")  # the twin moves before the catalog is written
-            try:
-                before, after = b.twins.migrate(moved, target, plan)
+                before, after = b._twin_writes.wait(
+                    tenant, asset_id, lambda: b.twins.migrate(moved, target, plan, timeout_s),
+                    f"GET /v1/assets/{asset_id} before sending it again: its type_version says whether the twin "
+                    "moved (written there once the shard answers)", functools.partial(b._settle_late_move, tenant,
+                                                                                     asset_id))
             except UnknownTwin:
-                b.moves.end(tenant, asset_id)
+                with b._lock:
+                    b.moves.end(tenant, asset_id)
                 raise NotFound(f"asset {asset_id} has no live twin") from None
 
             def write(seq: int) -> list[dict[str, Any]]:
@@ -68,8 +78,9 @@ class TypeEvolution:
                 return [{"kind": "asset.updated", "asset_id": moved.id, "type_name": moved.type_name,
                          "type_version": moved.type_version, "data": {"asset": moved.model_dump(mode="json")}}]
 
-            (change,) = b.changes.write(tenant, write)
-            b.moves.end(tenant, asset_id)
+            with b._lock:
+                (change,) = b.changes.write(tenant, write)
+                b.moves.end(tenant, asset_id)
         inverse = plan.inverse()
         log.info("asset_migrated tenant=%s asset=%s from=%s to=%s twin_revision=%d", tenant, asset_id,
                  asset.type_version, moved.type_version, after.revision)

@@ -668,6 +668,43 @@ def test_a_retype_its_shard_leaves_unanswered_is_503_and_its_move_is_settled_by_
     assert moves == ["settle", "begin", "settle"]
 
 
+def test_a_migration_its_shard_leaves_unanswered_is_503_and_holds_no_lock_its_move_settled_by_the_answer(tmp_path):
+    """`TypeEvolution.migrate` waited on the twin's migration without a deadline under `Backend._lock`. Past
+    `shard_create_timeout_s` it is 503, outcome unknown, the lock free and the move journaled until the shard's answer
+    settles it."""
+    from types import SimpleNamespace
+
+    from raytwin.migration import MigrationRequest
+    from serve_apps.evolution import TypeEvolution
+    from serve_apps.shard_deadline import TwinUnavailable
+
+    backend, _ = _deleting_backend(tmp_path, pytest.fail)
+    thermal = AssetType.from_model(THERMAL_RC)
+    newer = thermal.model_copy(update={"version": "1.0.1"})
+    backend.changes.write("acme", lambda seq: backend.catalog.put_type("acme", newer, seq) and [
+        {"kind": "asset_type.created"}])
+    moves: list[str] = []
+    backend.moves = SimpleNamespace(**{step: (lambda step: lambda *args: moves.append(step))(step)
+                                       for step in ("begin", "settle", "end")})
+    artifact = SimpleNamespace(model=lambda: THERMAL_RC, asset_type=newer, ref="thermal_rc@1.0.1")
+    backend._require_production, backend._checked_artifact = lambda asset: None, lambda asset, state: artifact
+    backend._artifact = lambda tenant, asset: artifact
+    held = _Held()
+    migrate = _unanswered("the migration of twin zone to thermal_rc@1.0.1", held)
+    backend.twins = SimpleNamespace(migrate=lambda asset, target, plan, *timeout: migrate(asset, target, *timeout))
+    evolution = TypeEvolution.__new__(TypeEvolution)
+    evolution.backend = backend
+    with pytest.raises(TwinUnavailable, match="outcome unknown: the migration of twin zone to thermal_rc@1.0.1 left "
+                                              "unanswered within 60 s.*its type_version says whether the twin moved"):
+        evolution.migrate("acme", "zone", MigrationRequest(type_version="1.0.1"), Precondition())
+    assert backend._lock.acquire(blocking=False), "a hung shard holds the catalog's lock"
+    backend._lock.release()
+    assert moves == ["settle", "begin"] and backend.catalog.get_asset("acme", "zone").type_version == "1.0.0"
+    held.outcome.set_result((None, None))
+    _settled(backend, "zone")
+    assert moves == ["settle", "begin", "settle"]
+
+
 def test_a_drift_clear_its_shard_leaves_unanswered_is_503_and_its_change_is_recorded_once_the_shard_answers(
         tmp_path):
     """`clear_drift` (and the read of the twin's state before a first write) waited on the shard without a deadline.
