@@ -1132,6 +1132,7 @@ def test_telemetry_validates_against_the_catalogs_type_without_reading_a_model_f
     import threading
 
     from serve_apps.backend import Backend
+    from serve_apps.twin_writes import TwinWrites
 
     zone = AssetType.from_model(THERMAL_RC)
     asset = Asset(tenant="acme", id="zone-1", type_name=zone.name, type_version=zone.version)
@@ -1141,7 +1142,7 @@ def test_telemetry_validates_against_the_catalogs_type_without_reading_a_model_f
             raise AssertionError(f"{ref} read from the store")
 
     backend = Backend.__new__(Backend)
-    backend._lock, backend._registries = threading.Lock(), {"acme": Registry()}
+    backend._lock, backend._registries, backend._twin_writes = threading.Lock(), {"acme": Registry()}, TwinWrites()
     backend.moves = SimpleNamespace(try_settle=lambda tenant, asset_id: None)
     backend.catalog = SimpleNamespace(get_asset=lambda tenant, asset_id: asset,
                                       get_type=lambda tenant, name, version: zone)
