@@ -394,6 +394,21 @@ def test_a_job_that_cannot_start_fails_and_frees_its_slot(tmp_path):
     assert state.finished[0].error == "ValueError: <store>: the window holds 3 usable events"  # no store location
 
 
+def _failing_launches(tmp_path, failures: list[Exception]) -> tuple:
+    """(a `World` whose launches raise `failures` in turn, then launch; the launches it deferred, (delay, retry))."""
+    w = World(tmp_path)
+    deferred: list[tuple[float, Callable[[], None]]] = []
+    w.trigger.later = lambda delay_s, fn: deferred.append((delay_s, fn)) or (lambda: deferred.remove((delay_s, fn)))
+
+    def launch(job, policy):
+        if failures:
+            raise failures.pop(0)
+        w.launched.append(job)
+
+    w.trigger.launch = launch
+    return w, deferred
+
+
 def test_a_launch_the_store_failed_is_deferred_and_launched_again_not_failed(tmp_path):
     """A store outage at launch (its window's read or write, its audit intent) says nothing of the fit: the job stays
     running and is launched again later, at most `MAX_ATTEMPTS` launches in all; failing it would lose the trigger,
@@ -404,18 +419,10 @@ def test_a_launch_the_store_failed_is_deferred_and_launched_again_not_failed(tmp
     from serve_apps.recalibration import LAUNCH_RETRY_S, MAX_ATTEMPTS
     from serve_apps.store_errors import StoreUnavailable
 
-    w = World(tmp_path)
-    deferred: list[tuple[float, Callable[[], None]]] = []
-    w.trigger.later = lambda delay_s, fn: deferred.append((delay_s, fn)) or (lambda: deferred.remove((delay_s, fn)))
-    failures = [StoreIOError(errno.EROFS, "Read-only file system", operation="write", error="read_only"),
-                StoreUnavailable("recalibration.start of thermal_rc@1.0.0 was not done", error="unreachable")]
-
-    def launch(job, policy):
-        if failures:
-            raise failures.pop(0)
-        w.launched.append(job)
-
-    w.trigger.launch = launch
+    failures: list[Exception] = [
+        StoreIOError(errno.EROFS, "Read-only file system", operation="write", error="read_only"),
+        StoreUnavailable("recalibration.start of thermal_rc@1.0.0 was not done", error="unreachable")]
+    w, deferred = _failing_launches(tmp_path, failures)
     w.drift(["a"])
     (job,) = w.trigger.snapshot("acme").running.values()
     assert not w.launched and [d for d, _ in deferred] == [LAUNCH_RETRY_S]  # not failed: deferred
@@ -449,17 +456,7 @@ def test_a_launch_whose_twin_shard_left_its_state_unanswered_is_deferred_not_fai
 
     from serve_apps.recalibration import LAUNCH_RETRY_S
 
-    w = World(tmp_path)
-    deferred: list[tuple[float, Callable[[], None]]] = []
-    w.trigger.later = lambda delay_s, fn: deferred.append((delay_s, fn)) or (lambda: deferred.remove((delay_s, fn)))
-    failures = [GetTimeoutError("the past state of twin a left unanswered within 5 s")]
-
-    def launch(job, policy):
-        if failures:
-            raise failures.pop(0)
-        w.launched.append(job)
-
-    w.trigger.launch = launch
+    w, deferred = _failing_launches(tmp_path, [GetTimeoutError("the past state of twin a left unanswered within 5 s")])
     w.drift(["a"])
     assert not w.launched and [d for d, _ in deferred] == [LAUNCH_RETRY_S] and not w.trigger.snapshot("acme").finished
     deferred.pop()[1]()

@@ -632,6 +632,21 @@ def _unanswered(what: str, held: _Held):
     return call
 
 
+def _moving_backend(tmp_path: Path) -> tuple:
+    """(`_deleting_backend` with type version thermal_rc@1.0.1 published too, that version, the steps its stand-in
+    journal of moves took: begin, settle, try_settle, end)."""
+    from types import SimpleNamespace
+
+    backend, _ = _deleting_backend(tmp_path, pytest.fail)
+    newer = AssetType.from_model(THERMAL_RC).model_copy(update={"version": "1.0.1"})
+    backend.changes.write("acme", lambda seq: backend.catalog.put_type("acme", newer, seq) and [
+        {"kind": "asset_type.created"}])
+    moves: list[str] = []
+    backend.moves = SimpleNamespace(**{step: (lambda step: lambda *args: moves.append(step))(step)
+                                       for step in ("begin", "settle", "try_settle", "end")})
+    return backend, newer, moves
+
+
 def test_a_retype_its_shard_leaves_unanswered_is_503_and_its_move_is_settled_by_the_shards_answer_not_a_read(
         tmp_path):
     """`update_asset` waited on the twin's move without a deadline under `Backend._lock`. Past `shard_create_timeout_s`
@@ -641,19 +656,12 @@ def test_a_retype_its_shard_leaves_unanswered_is_503_and_its_move_is_settled_by_
 
     from serve_apps.shard_deadline import TwinUnavailable
 
-    backend, _ = _deleting_backend(tmp_path, pytest.fail)
-    thermal = AssetType.from_model(THERMAL_RC)
-    newer = thermal.model_copy(update={"version": "1.0.1"})
-    backend.changes.write("acme", lambda seq: backend.catalog.put_type("acme", newer, seq) and [
-        {"kind": "asset_type.created"}])
-    moves: list[str] = []
-    backend.moves = SimpleNamespace(**{step: (lambda step: lambda *args: moves.append(step))(step)
-                                       for step in ("begin", "settle", "try_settle", "end")})
+    backend, newer, moves = _moving_backend(tmp_path)
     backend.type_evolution = SimpleNamespace(require_version=lambda *args: None)
     backend._require_production, backend._checked_artifact = lambda asset: None, lambda asset, state: "artifact"
     held = _Held()
     backend.twins = SimpleNamespace(retype=_unanswered("the move of twin zone to thermal_rc@1.0.1", held))
-    moved = Asset(id="zone", tenant="acme", type_name=thermal.name, type_version="1.0.1")
+    moved = Asset(id="zone", tenant="acme", type_name=newer.name, type_version="1.0.1")
     with pytest.raises(TwinUnavailable, match="outcome unknown: the move of twin zone to thermal_rc@1.0.1 left "
                                               "unanswered within 60 s.*its type_version says whether the twin moved"):
         backend.update_asset(moved, Precondition())
@@ -678,14 +686,7 @@ def test_a_migration_its_shard_leaves_unanswered_is_503_and_holds_no_lock_its_mo
     from serve_apps.evolution import TypeEvolution
     from serve_apps.shard_deadline import TwinUnavailable
 
-    backend, _ = _deleting_backend(tmp_path, pytest.fail)
-    thermal = AssetType.from_model(THERMAL_RC)
-    newer = thermal.model_copy(update={"version": "1.0.1"})
-    backend.changes.write("acme", lambda seq: backend.catalog.put_type("acme", newer, seq) and [
-        {"kind": "asset_type.created"}])
-    moves: list[str] = []
-    backend.moves = SimpleNamespace(**{step: (lambda step: lambda *args: moves.append(step))(step)
-                                       for step in ("begin", "settle", "end")})
+    backend, newer, moves = _moving_backend(tmp_path)
     artifact = SimpleNamespace(model=lambda: THERMAL_RC, asset_type=newer, ref="thermal_rc@1.0.1")
     backend._require_production, backend._checked_artifact = lambda asset: None, lambda asset, state: artifact
     backend._artifact = lambda tenant, asset: artifact
