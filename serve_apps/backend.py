@@ -672,7 +672,7 @@ class Backend:
         `twin.drift` when the flag fell; the state keeps its revision (no event was applied)."""
         self.get_asset(tenant, asset_id)  # 404 for unknown and other tenants' assets
         if (tenant, asset_id) not in self._twin_marks:
-            self._mark(tenant, asset_id)
+            self._mark(tenant, asset_id, timeout_s=self.config.shard_read_timeout_s)
         timeout_s = self.config.shard_write_timeout_s
 
         def cleared(outcome: Future) -> None:  # past the deadline: its change recorded once the shard answers
@@ -700,14 +700,17 @@ class Backend:
         if queued is not None:
             self.changes.commit(tenant, queued)
 
-    def _mark(self, tenant: str, asset_id: str, live: TwinState | None = None) -> None:
+    def _mark(self, tenant: str, asset_id: str, live: TwinState | None = None,
+              timeout_s: float | None = None) -> None:
         """Start the twin's mark, which its changes are published relative to, at what the change log last recorded
         of it (`ChangeLog.recorded_mark`). At its current state (`live`, read if not given) for a log from before the
         recorded marks, assumed recorded; and for a state older than its log (a store copied file by file, its log
-        newer than its twins' snapshots), whose next batches would otherwise be taken as old ones and dropped."""
+        newer than its twins' snapshots), whose next batches would otherwise be taken as old ones and dropped. The
+        read waits `timeout_s` at most (503 `TwinUnavailable` past it, nothing done); None (telemetry's `apply`):
+        as long as the batch's ingest after it does, so that a batch its hung shard answers late is still applied
+        then (the Ingress has answered 503 by its deadline: resending telemetry is safe)."""
         recorded = self.changes.recorded_mark(tenant, asset_id)
         if live is None:
-            timeout_s = self.config.shard_read_timeout_s
             try:
                 live = self.twins.state(tenant, asset_id, timeout_s)
             except UnknownTwin:
