@@ -638,7 +638,7 @@ def test_a_retype_whose_twin_cannot_move_changes_nothing_and_one_left_unrecorded
     before = client.get("/v1/assets/wing-1/state", headers=reader).json()
     move = {"type_name": "wing", "type_version": "1.1.0"}
 
-    def diverged(asset, artifact):
+    def diverged(asset, artifact, timeout_s=None):
         raise RetypeFailed("twin acme/wing-1 stays on its type version, serving as before: replaying its history "
                            "on wing@1.1.0 failed (FloatingPointError: diverged), and nothing was changed")
 
