@@ -247,14 +247,44 @@ def select(names: list[str] | None) -> list[Benchmark]:
 
 
 # ---- machine and run record -------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+SIMD_LEVELS = ("avx512f", "avx2", "avx", "sse4_2", "asimd")
+"""`/proc/cpuinfo` flags, widest first: a CPU's `simd` is the first it has (`asimd`: ARM's NEON)."""
+
+
+def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
+    """The CPU's vendor, family, model, model name and widest SIMD level (`SIMD_LEVELS`) from `/proc/cpuinfo`
+    (`cpuinfo`: its text), first processor; keys it lacks are None.
+
+    Why: a cloud VM's model name can be just "AMD EPYC" on Zen 3 (no AVX-512) and on Zen 4 (AVX-512) alike, and
+    the same code's figures differ between them; family, model and the SIMD level tell the VM types apart."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.split("\n\n", 1)[0].splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    number = lambda key: int(fields[key]) if fields.get(key, "").isdigit() else None  # noqa: E731
+    return {"vendor": fields.get("vendor_id"), "family": number("cpu family"), "model": number("model"),
+            "model_name": fields.get("model name") or platform.processor() or platform.machine(),
+            "simd": next((level for level in SIMD_LEVELS if level in flags), None)}
+
+
+def cpu_label(machine: Mapping[str, Any]) -> str:
+    """A run record's CPU in one phrase for table headers, e.g. "AMD EPYC (AuthenticAMD family 25 model 1,
+    avx2, no AVX-512)"; only the model name for records written before `cpu` was recorded."""
+    cpu = machine.get("cpu")
+    if not cpu:
+        return machine["cpu_model"]
+    ids = " ".join(filter(None, [cpu["vendor"], *(f"{k} {cpu[k]}" for k in ("family", "model") if cpu[k] is not None)]))
+    simd = cpu["simd"] or "SIMD unknown"
+    if simd in ("avx2", "avx", "sse4_2"):
+        simd += ", no AVX-512"
+    return f"{cpu['model_name']} ({ids + ', ' if ids else ''}{simd})"
 
 
 def _memory_gib() -> float | None:
@@ -285,10 +315,12 @@ def machine_info() -> dict[str, Any]:
 
     from raytwin.provenance import code_version, package_versions
 
+    cpu = cpu_info()
     return {
         "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": platform.node(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu["model_name"],
+        "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "memory_gib": _memory_gib(),
         "load_average_1_5_15": list(os.getloadavg()),
@@ -395,7 +427,7 @@ def render_table(record: dict[str, Any]) -> Any:
     from rich.table import Table
 
     m = record["machine"]
-    table = Table(title=f"RayTwin benchmarks - {m['cpu_model']} x{m['cpu_count']}, "
+    table = Table(title=f"RayTwin benchmarks - {cpu_label(m)} x{m['cpu_count']}, "
                         f"commit {git_short(m['commit'])}, {m['date_utc']}")
     for col in ("benchmark", "figure", "value", "baseline", "ratio", "target"):
         table.add_column(col, justify="right" if col in ("value", "ratio") else "left")
@@ -420,7 +452,7 @@ def markdown_table(record: dict[str, Any]) -> str:
     """The figures of a run record as a Markdown table (for RESULTS.md), with its provenance line."""
     m = record["machine"]
     lines = [
-        f"Measured {m['date_utc']} on {m['cpu_model']} ({m['cpu_count']} cores, {m['memory_gib']} GiB), "
+        f"Measured {m['date_utc']} on {cpu_label(m)}, {m['cpu_count']} cores, {m['memory_gib']} GiB, "
         f"JAX devices {', '.join(m['jax_devices'])}, commit `{git_short(m['commit'])}`, "
         f"load average at start {', '.join(f'{x:.1f}' for x in m['load_average_1_5_15'])}"
         + (" (--quick)" if record.get("quick") else "") + ".",

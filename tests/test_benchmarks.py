@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 from benchmarks import fused_tuning, lorenz_ensemble, sweep_gpu
 from benchmarks.cli import bench_app
 from benchmarks.fmu import AGREEMENT_ATOL
-from benchmarks.harness import (CPU_KINDS, BenchContext, Figure, cpu_spent, cpu_split, cpu_times, markdown_table,
-                                measure, owned_backend, processes_cpu_s, select)
+from benchmarks.harness import (CPU_KINDS, BenchContext, Figure, cpu_info, cpu_label, cpu_spent, cpu_split, cpu_times,
+                                markdown_table, measure, owned_backend, processes_cpu_s, select)
 from benchmarks.load import paced_sync
 from benchmarks.roofline import rk4_flops_jaxpr
 from benchmarks.thermal_scenarios import (
@@ -69,6 +69,30 @@ def test_cpu_split_is_the_share_of_each_kind_of_cpu_time_between_two_readings():
     now = cpu_times()
     if now is not None:  # Linux: one count per kind
         assert len(now) == len(CPU_KINDS)
+
+
+ZEN = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: {model}
+model name\t: AMD EPYC
+flags\t\t: fpu sse4_2 avx avx2 fma{more}
+
+processor\t: 1
+model name\t: another CPU
+"""
+
+
+def test_the_machine_record_tells_cpus_with_one_model_name_apart():
+    """Zen 3 and Zen 4 VMs both name themselves "AMD EPYC": family, model and the widest SIMD level differ."""
+    zen3, zen4 = cpu_info(ZEN.format(model=1, more="")), cpu_info(ZEN.format(model=17, more=" avx512f avx512bw"))
+    assert zen3 == {"vendor": "AuthenticAMD", "family": 25, "model": 1, "model_name": "AMD EPYC", "simd": "avx2"}
+    assert zen4["model"] == 17 and zen4["simd"] == "avx512f"
+    assert cpu_label({"cpu": zen3}) == "AMD EPYC (AuthenticAMD family 25 model 1, avx2, no AVX-512)"
+    assert cpu_label({"cpu": zen4}) == "AMD EPYC (AuthenticAMD family 25 model 17, avx512f)"
+    assert cpu_label({"cpu_model": "AMD EPYC"}) == "AMD EPYC"  # a record written before `cpu` was
+    unknown = cpu_info("")
+    assert unknown["vendor"] is unknown["family"] is unknown["simd"] is None and unknown["model_name"]
 
 
 def test_the_cpu_of_named_processes_is_read_together_and_a_missing_reading_is_no_figure():
@@ -147,7 +171,8 @@ def quick(tmp_path, *names: str) -> dict:
 
 def test_bench_cli_quick_end_to_end(ray_session, tmp_path):
     record = quick(tmp_path, "sweep", "roofline", "sweep-kits", "model-checks")
-    assert {"cpu_model", "cpu_count", "jax_devices", "packages", "commit", "date_utc"} <= set(record["machine"])
+    assert {"cpu_model", "cpu", "cpu_count", "jax_devices", "packages", "commit", "date_utc"} <= set(record["machine"])
+    assert cpu_label(record["machine"]) in markdown_table(record)
     if cpu_times() is not None:  # each benchmark says how busy the machine's CPUs were while it ran
         for result in record["benchmarks"].values():
             assert set(result["machine_cpu_pct"]) == set(CPU_KINDS)
