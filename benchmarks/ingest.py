@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -29,8 +30,8 @@ from actors.heap import freeze_heap
 from actors.shard import TwinShard
 from actors.telemetry import TELEMETRY_SCHEMA, validate_table
 from actors.twin import Twin, apply_many, logged_event
-from benchmarks.harness import (BenchContext, BenchResult, Figure, benchmark, cpu_spent, cpu_split, cpu_times,
-                                processes_cpu_s)
+from benchmarks.harness import (CPU_KINDS, BenchContext, BenchResult, Figure, benchmark, cpu_spent, cpu_split,
+                                cpu_times, processes_cpu_s)
 from benchmarks.sweep import cluster_cpus
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelArtifact, ModelRegistry
@@ -198,10 +199,45 @@ def register_feed(service: TwinService, feed: TelemetryFeed, artifact: ModelArti
 
 
 def stream_processes(service: TwinService) -> dict[str, int]:
-    """The processes a live stream runs in: this one (the driver: the stream's reader, validation and dispatch, the
-    probe's queries and the benchmark's producer) and each shard's."""
+    """The processes ingestion runs in: this one (the driver: validation and dispatch, and for a live stream its
+    reader, the probe's queries and the benchmark's producer) and each shard's."""
     return {"driver": os.getpid(), **{f"shard {i}": pid for i, pid in
                                       enumerate(ray.get([h.pid.remote() for h in service.shard_handles]))}}
+
+
+class BatchWindow(NamedTuple):
+    """The CPU time of the stream's processes (`stream_processes`) and of the machine around one batched ingest call."""
+
+    own: dict[str, float] | None
+    machine: tuple[int, ...] | None
+
+    @classmethod
+    def start(cls, processes: dict[str, int]) -> BatchWindow:
+        return cls(processes_cpu_s(processes), cpu_times())
+
+    def end(self, processes: dict[str, int]) -> BatchWindow:
+        """The CPU spent since `start`: seconds by process, ticks by kind."""
+        own, machine = processes_cpu_s(processes), cpu_times()
+        return BatchWindow(cpu_spent(self.own, own) or None,
+                           None if self.machine is None or machine is None
+                           else tuple(b - a for a, b in zip(self.machine, machine)))
+
+
+def batch_cpu(windows: list[BatchWindow], events_per_call: int) -> tuple[dict[str, float], dict[str, float] | None]:
+    """Over the timed batched ingest calls: CPU per event (us) of the driver and of the shards together (empty
+    where a process could not be read), and how the machine's CPUs spent the calls' time (`cpu_split`).
+
+    Why: on a 2-core VM the driver and both shards share two cores; whether a call's wall time is their CPU or
+    cores left idle while one waits for another says where batched throughput goes (issue 15 §4)."""
+    events = events_per_call * len(windows)
+    own = [w.own for w in windows]
+    per_event = {} if not events or any(o is None for o in own) else {
+        part: 1e6 * sum(s for o in own for n, s in o.items() if n.startswith(part)) / events
+        for part in ("driver", "shard")}
+    ticks = [w.machine for w in windows]
+    machine = None if not ticks or any(t is None for t in ticks) else cpu_split(
+        (0,) * len(CPU_KINDS), tuple(map(sum, zip(*ticks))))
+    return per_event, machine
 
 
 def paced(rate_per_s: float, duration_s: float) -> Iterator[int]:
@@ -325,19 +361,25 @@ def ingestion(ctx: BenchContext) -> BenchResult:
         service = TwinService(f"{tmp}/store", shards=shards, namespace=f"bench-{uuid.uuid4().hex[:8]}")
         try:
             feed = register_feed(service, TelemetryFeed(n_twins), artifact)
+            processes = stream_processes(service)
+            windows: list[BatchWindow] = []
 
             def ingest_batch() -> int:
                 table = feed.table(batch)  # building the Arrow table is the client's cost, timed too
-                return service.ingest(TENANT, table).accepted
+                window = BatchWindow.start(processes)
+                accepted = service.ingest(TENANT, table).accepted
+                windows.append(window.end(processes))
+                return accepted
 
-            timing, accepted = ctx.measure("ingest/throughput", ingest_batch, repeat=min(ctx.repeat, 3))
+            repeat = min(ctx.repeat, 3)
+            timing, accepted = ctx.measure("ingest/throughput", ingest_batch, repeat=repeat)
             if accepted != batch:
                 raise IngestMismatch(f"{accepted} of {batch} events accepted")
             res.timings["ingest_batch"] = timing
+            batch_cpu_us, res.checks["machine_cpu_pct_during_batches"] = batch_cpu(windows[-repeat:], batch)
 
             stream = LiveStream(feed, latency_rate, latency_s)
             probe = ProbedTwin(service, feed.assets[-1])
-            processes = stream_processes(service)
             cpu0, own0 = cpu_times(), processes_cpu_s(processes)
             with probe:
                 stream_report = service.ingest_stream(TENANT, stream.rows())
@@ -374,6 +416,10 @@ def ingestion(ctx: BenchContext) -> BenchResult:
     res.figures += [
         Figure(f"throughput, batches of {batch:,} events over {n_twins} twins, {shards} shards",
                batch / timing.median_s, "events/s", target_min=THROUGHPUT_TARGET),
+        *([Figure("CPU per event of the batched ingest call: the driver (validation, routing by shard, dispatch)",
+                  batch_cpu_us["driver"], "us"),
+           Figure(f"CPU per event of the batched ingest call: the {shards} shard processes", batch_cpu_us["shard"], "us")]
+          if batch_cpu_us else []),
         Figure(f"ingest->queryable p50 at {latency_rate:,.0f} events/s offered", np.percentile(latencies, 50) * 1e3, "ms"),
         Figure(f"ingest->queryable p95 at {latency_rate:,.0f} events/s offered", np.percentile(latencies, 95) * 1e3, "ms",
                target_max=LATENCY_P95_TARGET_MS),

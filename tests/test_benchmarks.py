@@ -256,6 +256,7 @@ def test_bench_quick_ingest(ray_session, tmp_path):
         assert ingest["checks"]["machine_cpu_pct_during_stream"]["idle"] < 100  # the stream's own window
         own = ingest["checks"]["process_cpu_pct_during_stream"]  # the driver's and each shard's share of a core
         assert own["driver"] > 0 and sum(v for name, v in own.items() if name.startswith("shard ")) > 0
+        assert ingest["checks"]["machine_cpu_pct_during_batches"]["idle"] < 100  # the timed batched calls' window
     assert ingest["checks"]["stream_accepted"] > 0 and ingest["checks"]["latency_events"] > 0
     figures = {f["name"]: f["value"] for f in ingest["figures"]}
     gap = figures["probe: time between answers p50 (the resolution of ingest->queryable)"]
