@@ -206,7 +206,7 @@ def stream_processes(service: TwinService) -> dict[str, int]:
 
 
 class BatchWindow(NamedTuple):
-    """The CPU time of the stream's processes (`stream_processes`) and of the machine around one batched ingest call."""
+    """The CPU time of the ingesting processes (`stream_processes`) and of the machine around one batched ingest call."""
 
     own: dict[str, float] | None
     machine: tuple[int, ...] | None
@@ -229,15 +229,19 @@ def batch_cpu(windows: list[BatchWindow], events_per_call: int) -> tuple[dict[st
 
     Why: on a 2-core VM the driver and both shards share two cores; whether a call's wall time is their CPU or
     cores left idle while one waits for another says where batched throughput goes (issue 15 §4)."""
-    events = events_per_call * len(windows)
     own = [w.own for w in windows]
-    per_event = {} if not events or any(o is None for o in own) else {
-        part: 1e6 * sum(s for o in own for n, s in o.items() if n.startswith(part)) / events
-        for part in ("driver", "shard")}
+    per_event = {} if not windows or any(o is None for o in own) else cpu_per_event_us(
+        {name: sum(o[name] for o in own) for name in own[0]}, events_per_call * len(windows))
     ticks = [w.machine for w in windows]
     machine = None if not ticks or any(t is None for t in ticks) else cpu_split(
         (0,) * len(CPU_KINDS), tuple(map(sum, zip(*ticks))))
     return per_event, machine
+
+
+def cpu_per_event_us(spent: dict[str, float], events: int) -> dict[str, float]:
+    """Microseconds of CPU per event of the driver and of the shards together, from CPU seconds by process
+    (`stream_processes`' names)."""
+    return {part: 1e6 * sum(s for n, s in spent.items() if n.startswith(part)) / events for part in ("driver", "shard")}
 
 
 def paced(rate_per_s: float, duration_s: float) -> Iterator[int]:
@@ -387,8 +391,7 @@ def ingestion(ctx: BenchContext) -> BenchResult:
             if own := cpu_spent(own0, processes_cpu_s(processes)):  # each one's share of a core; per event
                 res.checks["process_cpu_pct_during_stream"] = {
                     name: round(100 * spent / stream.elapsed_s, 1) for name, spent in own.items()}
-                stream_cpu_us = {part: 1e6 * sum(s for n, s in own.items() if n.startswith(part)) / stream.sent
-                                 for part in ("driver", "shard")}
+                stream_cpu_us = cpu_per_event_us(own, stream.sent)
             service.flush()
             applied = sum(service.state(TENANT, a).events_applied for a in feed.assets)
             latencies = probe.latencies_s(stream.due_times(feed.assets[-1]))
