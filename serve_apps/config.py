@@ -51,6 +51,9 @@ class ServeConfig(BaseModel):
     rate_per_s: float = Field(50.0, gt=0, description="Sustained requests/s per API key, per ingress replica.")
     rate_burst: int = Field(100, ge=1, description="Token-bucket depth per API key, per ingress replica.")
     max_events_per_batch: int = Field(10_000, ge=1)
+    max_command_value_bytes: int = Field(65_536, ge=64, description="A command's value as compact UTF-8 JSON "
+                                         "(what is audited, stored and sent to the asset); more is 413, before "
+                                         "anything is audited.")
     sync_max_steps: int = Field(50_000, ge=1, description="Scenario work (scenarios x steps) answered inline.")
     max_sweep_scenarios: int = Field(10_000, ge=1)
     max_run_work: int = Field(MAX_RUN_WORK, ge=1, description="Scenario-steps one sweep or scenario may ask for "

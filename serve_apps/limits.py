@@ -1,4 +1,4 @@
-"""Protection for replicas: a body-size limit and a per-key token bucket.
+"""Protection for replicas: a body-size limit, a per-key token bucket and a command value's size limit.
 
 The body limit is enforced twice: on ``Content-Length`` (refused before reading) and on the bytes
 actually streamed (chunked uploads or a lying header), so a replica never buffers more than the
@@ -15,11 +15,13 @@ import re
 import threading
 import time
 import uuid
+from typing import Any
 
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from raytwin import metrics
+from serve_apps.errors import PayloadTooLarge
 from serve_apps.request_log import log_answer
 
 
@@ -164,3 +166,15 @@ class TokenBuckets:
     @staticmethod
     def retry_after(wait_s: float) -> str:
         return str(max(1, math.ceil(wait_s)))
+
+
+def require_value_fits(value: dict[str, Any], limit_bytes: int, remedy: str = "send fewer or shorter arguments"
+                       ) -> None:
+    """413 for a command value over `limit_bytes` as compact UTF-8 JSON (`ServeConfig.max_command_value_bytes`),
+    checked before the proposal is audited: each audited action writes its details twice (intent, then outcome),
+    and a value is stored with the command and sent to the asset, so an unbounded one (300 kB were taken) costs all
+    of these."""
+    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > limit_bytes:
+        raise PayloadTooLarge(f"the command's value is {size:,} bytes as JSON, over the limit of {limit_bytes:,} "
+                              f"(max_command_value_bytes): {remedy}; nothing was recorded")

@@ -22,6 +22,7 @@ from serve_apps.audit_steps import outcome_of
 from serve_apps.conditional import refuse_unevaluated
 from serve_apps.deps import ADMIN, READER, READER_ROLE_IN_BODY, SVC, WRITER, IdPath, Services, require_role
 from serve_apps.errors import CONFLICT
+from serve_apps.limits import require_value_fits
 from serve_apps.listing import PAGE_LIMIT, Cursor, PageLimit
 from serve_apps.schemas import CommandPage
 
@@ -48,6 +49,7 @@ router = APIRouter(prefix="/v1/commands", tags=["commands"], route_class=JsonRou
 async def propose_command(body: CommandProposal, request: Request, who: Principal = WRITER,
                           svc: Services = SVC) -> Any:
     """Record a command for one of this tenant's assets; nothing is sent before an approval."""
+    require_value_fits(body.value, svc.config.max_command_value_bytes)
     command_id = uuid.uuid4().hex  # named before it exists, for its intent to be audited first
     async with svc.audited(request, who, "command.propose", command_id, asset_id=body.asset_id, name=body.name,
                            value=body.value) as outcome:

@@ -23,6 +23,7 @@ from serve_apps.auth import OWNER_NEEDED, KeyRecord, KeyStore, Principal, ownerl
 from serve_apps.deps import READER, SVC, WRITABLE, WRITER, Services
 from serve_apps.errors import Conflict, Forbidden, Infeasible, NotFound, Unprocessable, unwrap
 from serve_apps.json_route import JsonRoute
+from serve_apps.limits import require_value_fits
 from serve_apps.routes_scenarios import _model_and_state, _provenance, _warned
 from sweeps.recommend import Bound, Control, Ensemble, InfeasibleRecommendation, Method, Recommendation, RecommendSpec
 from sweeps.recommend import load_recommendation, recorded_recommendation
@@ -194,6 +195,8 @@ async def issue_recommendation(asset_id: str, recommendation_id: str, body: Issu
     is sent before another key with the approver grant approves it (``POST /v1/commands/{id}/approve``)."""
     answer = await _own(svc, who, asset_id, recommendation_id)
     value = command_value(answer, body.part)
+    require_value_fits(value, svc.config.max_command_value_bytes, 'issue {"part": "first_block"}, or ask for a '
+                       "recommendation of fewer blocks")
     command_id = uuid.uuid4().hex  # named before it exists, for its intent to be audited first
     async with svc.audited(request, who, "recommendation.issue", asset_id, run_id=recommendation_id,
                            command_id=command_id, connector=body.connector) as outcome:

@@ -2012,6 +2012,28 @@ def test_http_commands_propose_approve_once_and_show_the_ack(api, broker, web):
     assert client.get("/v1/commands", headers=auth["other"]).json() == {"commands": [], "next_cursor": None}
 
 
+def test_http_a_command_value_over_its_limit_is_413_before_anything_is_audited(api, web):
+    """A 300 kB command value was taken, stored and written to the audit log twice (an audited action's intent, then
+    its outcome, each with its details: by design, so one reading the outcome alone sees what was attempted). A value
+    over `max_command_value_bytes` (as compact UTF-8 JSON) is a 413 now, before anything is audited or recorded."""
+    client, auth, _, svc = api
+    limit = svc.config.max_command_value_bytes
+    body = {"connector": web, "asset_id": "pump-1", "name": "label"}
+    fits = {"text": "é" * ((limit - len('{"text":""}')) // 2)}  # (two bytes a character in UTF-8)
+    over = {"text": "x" * (limit - len('{"text":""}') + 1)}
+    before = len(svc.audit.records("acme"))
+    refused = client.post("/v1/commands", json={**body, "value": over}, headers=auth["writer"])
+    assert refused.status_code == 413, refused.text
+    assert refused.json()["error"]["code"] == "payload_too_large"
+    assert refused.json()["error"]["message"] == (
+        f"the command's value is {limit + 1:,} bytes as JSON, over the limit of {limit:,} (max_command_value_bytes): "
+        "send fewer or shorter arguments; nothing was recorded")
+    assert len(svc.audit.records("acme")) == before
+    taken = client.post("/v1/commands", json={**body, "value": fits}, headers=auth["writer"])
+    assert taken.status_code == 201, taken.text
+    assert [r.action for r in svc.audit.records("acme")[before:]] == ["command.propose"] * 2  # intent, outcome
+
+
 def test_connectors_declared_in_the_service_config_start_with_credentials_from_the_environment(
         twins, connectors, broker, monkeypatch):
     from serve_apps.connector_ops import ConnectorOps, missing_credentials
