@@ -410,15 +410,19 @@ class CommandLedger:
         return self._save(sent.model_copy(update={
             "ack_deadline": sent.history[-1].at + timedelta(seconds=ack_timeout_s)}))
 
-    def expire(self, tenant: str, command_id: str, deadline: datetime) -> Command:
-        """sent -> expired, its `deadline` passed without an acknowledgement (anything else: unchanged)."""
+    def expire(self, tenant: str, command_id: str, deadline: datetime, answer_lost: str | None = None) -> Command:
+        """sent -> expired, its `deadline` passed without an acknowledgement (anything else: unchanged);
+        `answer_lost`: where the asset's answer went that its connector received and could not record on it (it gave
+        up), which the detail says instead of "no acknowledgement", the asset having answered."""
         command = self.get(tenant, command_id)
         if command.status is not CommandStatus.sent:
             return command
+        by = deadline.isoformat(timespec='seconds')
         return self._save(command.moved(
             CommandStatus.expired, f"connector:{command.connector}",
-            f"no acknowledgement from asset {command.asset_id} by {deadline.isoformat(timespec='seconds')} "
-            "(the connector's ack_timeout_s): whether it executed the command is unknown; check the asset"))
+            f"no acknowledgement from asset {command.asset_id} by {by} (the connector's ack_timeout_s): whether it "
+            "executed the command is unknown; check the asset" if answer_lost is None else
+            f"no acknowledgement recorded by {by}: {answer_lost}"))
 
     def failed(self, command: Command, reason: str) -> Command:
         return self._save(command.moved(CommandStatus.failed, f"connector:{command.connector}", reason))

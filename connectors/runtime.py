@@ -177,6 +177,7 @@ class ConnectorRuntime:
         self._ledger_error: tuple[str, datetime] | None = None  # an answer's or outcome's failed write, until one lands
         self._ledger_errors = 0
         self._given_up: list[Inbound] = []  # answers given up (`_give_up`), put in the pump outside `_commands`
+        self._answers_lost: dict[str, str] = {}  # by correlation id: where a given-up answer went, said as it expires
         self._connected_once = store.had_connected(tenant, name)  # this declaration's source has a session of it
         # an earlier process that had connected ran until then (one that never had left no session to lose)
         predecessor_seen = store.last_alive(tenant, name) if self._connected_once else None
@@ -281,12 +282,14 @@ class ConnectorRuntime:
         with self._commands:
             for correlation_id, deadline in [(c, d) for c, d in self._deadlines.items() if d <= now]:
                 try:
-                    self.ledger.expire(self.tenant, self._awaiting[correlation_id][0], deadline)
+                    self.ledger.expire(self.tenant, self._awaiting[correlation_id][0], deadline,
+                                       self._answers_lost.get(correlation_id))
                 except Exception as exc:  # noqa: BLE001 - a store hiccup: tried again at the next tick
                     log.warning("event=command_expire_failed tenant=%s connector=%s error=%r", self.tenant, self.name,
                                 exc)
                     continue
                 del self._deadlines[correlation_id]
+                self._answers_lost.pop(correlation_id, None)
                 self._late[correlation_id] = now + LATE_ACK_KEPT
             for correlation_id in [c for c, until in self._late.items() if until <= now]:
                 del self._late[correlation_id]
@@ -450,6 +453,7 @@ class ConnectorRuntime:
             return
         self._ledger_error = None  # the ledger takes answers again: a failure before is over
         del self._answers[correlation_id], self._awaiting[correlation_id]
+        self._answers_lost.pop(correlation_id, None)  # (a copy given up before, then one that landed)
         answer.acknowledge()
 
     def _ledger_failed(self, said: str) -> None:
@@ -471,11 +475,15 @@ class ConnectorRuntime:
                   "this dead letter, and the command settles as unanswered")
         log.error("event=command_ack_given_up tenant=%s connector=%s command=%s error=%r", self.tenant, self.name,
                   answer.command_id, why)
+        source = f"{self.spec.kind}://{self.name}/commands/{answer.command_id}"
         if answer.deadline is not None:
             self._deadlines[correlation_id] = answer.deadline
+            self._answers_lost[correlation_id] = (
+                f"asset {answer.asset_id} answered ({'ok' if answer.ok else 'not ok'}), and the answer could not be "
+                f"recorded on this command after {answer.tries} tries ({why}); given up, it is the dead letter of "
+                f"source {source} (GET /v1/connectors/{self.name}/dead-letters), which says what the asset answered")
         else:  # a late answer to an expired command, which stays expired
             del self._awaiting[correlation_id]
-        source = f"{self.spec.kind}://{self.name}/commands/{answer.command_id}"
         raw = json.dumps(answer.ack, default=str).encode()
         self._given_up.append(Inbound(source, [], [DeadLetter.of(source, answer.asset_id, None, reason, raw)],
                                       answer.acknowledge))

@@ -1303,6 +1303,7 @@ def _command_runtime(tmp_path, monkeypatch) -> tuple:
     runtime.ledger, runtime.tenant, runtime.name, runtime._commands = ledger, "acme", "plant", threading.Lock()
     runtime._awaiting, runtime._late, runtime._answers, runtime._deadlines, runtime._sending = {}, {}, {}, {}, set()
     runtime._ledger_error, runtime._ledger_errors, runtime._unrecorded, runtime._given_up = None, 0, {}, []
+    runtime._answers_lost = {}
     runtime.spec = MqttSpec.model_validate(plant_spec(1))
     put: list = []
     runtime.pump = SimpleNamespace(name="acme/plant", put=put.append, stats=PumpStats())
@@ -1459,7 +1460,13 @@ def test_an_answer_its_command_record_never_takes_is_given_up_dead_lettered_and_
     assert (pubacks, len(put), runtime._ledger_errors) == ([1], 1, 3)  # no fourth try
     assert counted == [{"connector": "acme/plant", "outcome": "delivery_errors"}] * 3
     runtime._expire_overdue()
-    assert ledger.get("acme", sent.id).status is CommandStatus.expired
+    expired = ledger.get("acme", sent.id)
+    assert expired.status is CommandStatus.expired and expired.history[-1].detail == (  # not "no acknowledgement"
+        f"no acknowledgement recorded by {sent.ack_deadline.isoformat(timespec='seconds')}: asset pump-1 answered "
+        "(ok), and the answer could not be recorded on this command after 3 tries (PermissionError: the store refuses "
+        f"this record); given up, it is the dead letter of source mqtt://plant/commands/{sent.id} (GET "
+        "/v1/connectors/plant/dead-letters), which says what the asset answered")
+    assert runtime._answers_lost == {}
 
 
 def test_a_sent_command_whose_record_fails_is_said_and_recorded_once_the_store_is_back(tmp_path, monkeypatch):
