@@ -92,9 +92,10 @@ def list_connectors(url: API_URL, key: API_KEY) -> None:
     twins refused are in its dead letters too (`GET /v1/connectors/{name}/dead-letters` lists both)."""
     with remote(url, key) as api:
         for s in api.iter_connectors():
-            lag = "-" if s.lag_s is None else f"{s.lag_s:.1f}s"
+            lag, age = ("-" if v is None else f"{v:.1f}s" for v in (s.lag_s, s.event_age_s))
             typer.echo(f"{s.name}\t{s.kind}\t{s.state}\tconnected={s.connected}\tpending={s.pending}\t"
-                       f"lag={lag}\terrors={s.errors}\trejected={s.rejected}\tdead_lettered={s.dead_lettered}")
+                       f"lag={lag}\tevent_age={age}\terrors={s.errors}\trejected={s.rejected}\t"
+                       f"dead_lettered={s.dead_lettered}")
 
 
 @connectors_app.command()

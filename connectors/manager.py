@@ -371,7 +371,7 @@ class Connectors:
                 tenant=tenant, name=name, kind=self.spec(tenant, name).kind, state=ConnectorState.down,
                 connected=False, messages=0, acknowledged=0, pending=0, accepted=0, duplicates=0, rejected=0,
                 dead_lettered=0, errors=1, last_error=f"cannot start: {exc.why}", last_error_at=exc.since,
-                lag_s=None, newest_event_time=None)
+                lag_s=None, newest_event_time=None, event_age_s=None)
 
     def spec(self, tenant: str, name: str) -> ConnectorSpec:
         """The declaration (never the credentials), a tenant's files by the names it gave."""

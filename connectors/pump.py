@@ -42,8 +42,10 @@ class PumpStats:
     last_error_at: datetime | None = None
     newest_event_time: datetime | None = None
 
-    def lag_s(self) -> float | None:
-        """Seconds between the server's clock and the newest applied event's time (None: none yet)."""
+    def event_age_s(self) -> float | None:
+        """Seconds between the server's clock and the newest applied event's own time (None: none yet): how fresh the
+        twins' data is, not how far behind its source the connector is (`Pump.lag_s`): replayed or backfilled history
+        is as old as its event times (~336 days for a year-old replay), however fast it is taken."""
         if self.newest_event_time is None:
             return None
         return max(0.0, (datetime.now(UTC) - self.newest_event_time).total_seconds())
@@ -59,6 +61,7 @@ class Pump:
         self.max_queued, self.max_queued_bytes = max_queued, max_queued_bytes
         self.stats = PumpStats()
         self._queue: deque[Inbound] = deque()
+        self._delivering: list[Inbound] = []  # the batch being delivered, until it is acknowledged
         self._queued_bytes = 0
         self._changed = threading.Condition()
         self._stop = threading.Event()
@@ -95,6 +98,14 @@ class Pump:
         """Messages received and not yet acknowledged (queued or being delivered)."""
         return self.stats.messages - self.stats.acknowledged
 
+    def lag_s(self) -> float:
+        """Seconds the oldest message handed over and not yet acknowledged (durable) has waited since the connector
+        received it (0.0: none waits): how far behind its source the connector is, whatever times its events carry."""
+        with self._changed:  # (the queue's lock; `_delivering` is replaced whole, never emptied in place)
+            waiting = self._delivering or self._queue
+            oldest = waiting[0].received if waiting else None
+        return 0.0 if oldest is None else max(0.0, time.monotonic() - oldest)
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
@@ -109,6 +120,7 @@ class Pump:
         if (first := self._get(0.2)) is None:
             return []
         batch, events = [first], len(first.rows)
+        self._delivering = batch  # (filled in place: the lag counts from its oldest while it lingers)
         deadline = time.monotonic() + self.linger_s
         while events < self.batch_size:
             if (item := self._get(max(0.0, deadline - time.monotonic()))) is None:
@@ -138,6 +150,7 @@ class Pump:
             return  # stopping: not acknowledged, so the source delivers them again
         for message in batch:
             message.ack()
+        self._delivering = []
         s, r = self.stats, delivery.report
         s.last_error = s.last_error_at = None  # delivered: a failure before is over
         s.acknowledged += len(batch)

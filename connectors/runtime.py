@@ -116,8 +116,13 @@ class ConnectorStatus(BaseModel):
     last_error: str | None = Field(description="the latest error, until the connector connects or delivers again "
                                    "(`errors` keeps counting)")
     last_error_at: datetime | None = Field(None, description="when `last_error` happened (the server's clock, UTC)")
-    lag_s: float | None
+    lag_s: float | None = Field(description="seconds the oldest message received and not yet durable has waited "
+                                "since the connector received it (0: none waits; None: no process runs): how far "
+                                "behind its source the connector is, whatever times the events carry")
     newest_event_time: datetime | None
+    event_age_s: float | None = Field(None, description="seconds from the newest applied event's own time "
+                                      "(`newest_event_time`) to now: how fresh the twins' data is; large for replayed "
+                                      "or backfilled history however promptly it is taken, so no measure of lag")
     draining: bool = Field(False, description="a pause is waiting (MQTT: at most `connectors.mqtt.PAUSE_DRAIN_S`) for "
                            "what the connector handed over to be acknowledged before it disconnects; `pending` counts "
                            "it down")
@@ -248,6 +253,7 @@ class ConnectorRuntime:
             if self.desired is Desired.running and not self.adapter.connected():
                 metrics.CONNECTOR_DOWN.inc(now - last, connector=self.pump.name)
             last = now
+            metrics.CONNECTOR_LAG.set(self.pump.lag_s(), connector=self.pump.name)
             self._record_outcomes()
             self._record_answers()
             self._expire_overdue()
@@ -305,7 +311,8 @@ class ConnectorRuntime:
             connected=self.adapter.connected(), messages=s.messages, acknowledged=s.acknowledged,
             pending=self.pump.pending(), accepted=s.accepted, duplicates=s.duplicates, rejected=s.rejected,
             dead_lettered=s.dead_lettered, errors=s.delivery_errors + self.adapter.errors + self._ledger_errors,
-            **self._last_error(), lag_s=s.lag_s(), newest_event_time=s.newest_event_time, draining=self._draining)
+            **self._last_error(), lag_s=self.pump.lag_s(), newest_event_time=s.newest_event_time,
+            event_age_s=s.event_age_s(), draining=self._draining)
 
     def _last_error(self) -> dict[str, Any]:
         """The newest of the source's, the delivery's and the ledger's (answers, `_record`; send outcomes,

@@ -10,6 +10,7 @@ re-delivery as a duplicate. End to end that is at-least-once delivery with an ex
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,6 +39,8 @@ class Inbound:
     ack: Callable[[], None]
     size: int = 0
     """The bytes of the message as received, which the pump's memory bound counts (0: negligible)."""
+    received: float = field(default_factory=time.monotonic)
+    """When the connector received it (`time.monotonic`): the pump's lag counts from it (`Pump.lag_s`)."""
 
 
 @dataclass

@@ -384,7 +384,12 @@ CONNECTOR_NOT_STARTED = gauge("raytwin_connector_not_started", "1 while the back
                               "process could not start), 0 once it runs or is deleted: no process of its own "
                               "exports its down time then.", "connector", "reason")
 CONNECTOR_NEWEST_EVENT = gauge("raytwin_connector_newest_event_timestamp_seconds", "Event time of the newest event a "
-                               "connector applied [Unix s]: its lag is time() minus it.", "connector")
+                               "connector applied [Unix s]: time() minus it is the twins' data's age, no lag (replayed "
+                               "or backfilled history is as old as its event times however promptly it is taken).",
+                               "connector")
+CONNECTOR_LAG = gauge("raytwin_connector_lag_seconds", "Seconds the oldest message a connector received and has not yet "
+                      "made durable has waited since it received it (0: none waits), set every second: how far behind "
+                      "its source it is, whatever times the events carry.", "connector")
 # ---- overload (serve_apps/admission.py) ---------------------------------------------------------
 ADMISSION_REFUSED = counter("raytwin_admission_refused", "Requests refused before any work because the service "
                             "was at capacity, by gate (proxy, replica, ingress: 503; telemetry: 429) and reason "

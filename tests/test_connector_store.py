@@ -946,6 +946,44 @@ def test_the_pump_bounds_the_bytes_it_queues_not_only_the_messages() -> None:
         pump.stop()
 
 
+def test_a_connectors_lag_counts_from_receipt_not_from_the_events_own_time() -> None:
+    """`lag_s` was the server's clock minus the newest applied event's time: a replay of year-old history, taken at
+    once, read ~336 days of lag. The lag counts how long the oldest message not yet durable has waited since the
+    connector received it (0 once none waits); the events' age is told apart, as `event_age_s`."""
+    import time
+    from datetime import timedelta
+
+    from connectors.pump import Pump
+    from connectors.sink import Delivery, Inbound
+
+    replayed = datetime.now(UTC) - timedelta(days=336)
+
+    class Held:  # a delivery that waits to be let go, of a replayed reading
+        release, delivering = threading.Event(), threading.Event()
+
+        def deliver(self, batch: list[Inbound]) -> Delivery:
+            self.delivering.set()
+            assert self.release.wait(30)
+            return Delivery(newest_event_time=replayed)
+
+    sink = Held()
+    pump = Pump(sink, "acme/replay", linger_s=0.0)
+    try:
+        assert (pump.lag_s(), pump.stats.event_age_s()) == (0.0, None)
+        pump.put(Inbound("t", [], [], lambda: None, received=time.monotonic() - 5.0))  # received 5 s before
+        assert sink.delivering.wait(10)
+        assert pump.lag_s() >= 5.0  # still waiting to be durable
+        sink.release.set()
+        deadline = time.monotonic() + 30
+        while pump.stats.acknowledged < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pump.lag_s() == 0.0  # nothing waits: no lag, however old its events
+        assert pump.stats.event_age_s() >= timedelta(days=336).total_seconds()
+    finally:
+        sink.release.set()
+        pump.stop()
+
+
 def test_a_connector_that_cannot_start_still_marks_its_tenants_dead_letter_days(tmp_path: Path, key: str) -> None:
     """A tenant's dead letters written before markers are marked with their sources at a connector's start; one
     whose start failed before that (here a TLS file that is no longer its tenant's) left every connector page of
