@@ -21,6 +21,8 @@
   its last error; one granted at QoS 0 (at most once: a crash could lose messages) is an error too.
 - **A pause hands nothing over twice**: it disconnects once what it handed over is acknowledged and the broker has
   read the acknowledgements (`pause`), leaving what arrives meanwhile to be sent again on resume.
+- **A full pump hides no lost connection**: the network thread it holds reads nothing, so the connection's TCP state
+  is read meanwhile (`_abandoned`), and a connection the broker closed is said lost at once.
 - **Reconnects** with exponential backoff (`reconnect_min_s` .. `reconnect_max_s`), also for the
   first connection; TLS and username/password (the password is a write-only credential). A
   reconnect on which the broker has no session for us (it restarted without persistence, or the
@@ -73,6 +75,8 @@ read those acknowledgements, before it disconnects: a batch is durable in tens o
 store outage) leaves the rest for the broker to send again, as duplicates. The broker answers after what it has in
 flight to us (MQTT 5: `receive_maximum`, 1000 by default), each of our acknowledgements a change it may save: 5 s ran
 out now and then on a loaded 2-core machine."""
+TCP_ESTABLISHED = 1
+"""Linux's `tcpi_state` of an open connection (`struct tcp_info`, its first byte): any other is closing or closed."""
 BARRIER_FILTER = "raytwin/pause-barrier"
 """A filter a pausing connector unsubscribes from (it holds no such subscription, so nothing changes): the broker reads
 a connection's packets in order, so its UNSUBACK says every acknowledgement sent before was read."""
@@ -383,6 +387,8 @@ class MqttAdapter:
         self._refused = False  # the broker refused the last connection attempt (kept as `last_error`)
         self._running = False  # between start and pause: the client's loop (and its reconnects) is on
         self._at_most_once_said = False  # a reading at QoS 0 was reported on this connection
+        self._receiving = (0, 0)  # the packet id and connection (`_generation`) of the message being handed over
+        self._lost = False  # the connection was found lost by a full pump (`_abandoned`), until the next connect
         self._retained = RetainedCopies()  # MQTT 3.1.1 (and a lost MQTT 5 session): sent again at each SUBSCRIBE
         b = spec.broker
         self.v5 = b.protocol == "5"
@@ -458,7 +464,7 @@ class MqttAdapter:
             self._refused = True  # the disconnect that follows must not hide why (a wrong password, an ACL)
             self._error(connect_refusal(self._where(), self.spec.client_id, reason, self._credentials))
             return
-        self._refused = False
+        self._refused = self._lost = False
         self._at_most_once_said = False
         self.last_error = self.last_error_at = None  # connected again: what went wrong before is over
         self._new_connection()
@@ -525,7 +531,7 @@ class MqttAdapter:
         self._new_connection()
         self._barrier_passed.set()  # a pause waiting for its barrier: the lost connection will answer nothing
         self._set_connected(False)
-        if reason.is_failure and not self._refused:
+        if reason.is_failure and not self._refused and not self._lost:  # (a loss found by `_abandoned` is said)
             self._error(f"disconnected from broker {self._where()}: {reason}; reconnecting with backoff")
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
@@ -551,7 +557,7 @@ class MqttAdapter:
             # would stay silent for good and the unacked message would come first again after a restart
             reason = f"message could not be read: {type(exc).__name__}: {exc}"
             self._error(f"{reason} (topic {quoted(msg.topic)}; dead-lettered)")
-            self.put(Inbound(source, [], [DeadLetter.of(source, None, None, reason, msg.payload)], ack))
+            self._put(Inbound(source, [], [DeadLetter.of(source, None, None, reason, msg.payload)], ack))
 
     def _receive(self, msg: paho.MQTTMessage, source: str, ack: Callable[[], None]) -> None:
         limit = self.spec.max_payload_bytes
@@ -562,11 +568,11 @@ class MqttAdapter:
                 asset = self._route(msg.topic)[1]
             except ValueError:
                 asset = None
-            self.put(Inbound(source, [], [DeadLetter.of(source, asset, None, reason, msg.payload)], ack))
+            self._put(Inbound(source, [], [DeadLetter.of(source, asset, None, reason, msg.payload)], ack))
             return
         if self.spec.ack_topic and paho.topic_matches_sub(self.spec.ack_filter, msg.topic):
             if (reason := self._command_ack(msg, ack)) is not None:
-                self.put(Inbound(source, [], [DeadLetter.of(source, self._ack_asset(msg.topic), None, reason,
+                self._put(Inbound(source, [], [DeadLetter.of(source, self._ack_asset(msg.topic), None, reason,
                                                             msg.payload)], ack))
             return
         if msg.qos == 0:
@@ -574,10 +580,10 @@ class MqttAdapter:
         try:
             route, asset = self._route(msg.topic)
         except ValueError as exc:
-            self.put(Inbound(source, [], [DeadLetter.of(source, None, None, str(exc), msg.payload)], ack))
+            self._put(Inbound(source, [], [DeadLetter.of(source, None, None, str(exc), msg.payload)], ack))
             return
         rows, dead = route.payload.rows(asset, msg.payload, source)
-        self.put(Inbound(source, rows, dead, ack, size=len(msg.payload)))
+        self._put(Inbound(source, rows, dead, ack, size=len(msg.payload)))
 
     def _at_most_once(self, topic: str) -> None:
         """A device publishing at QoS 0: the broker queues none of it for the session while the connector is away
@@ -611,11 +617,13 @@ class MqttAdapter:
         a message read as not pausing, then counted after the pause found nothing to await, went to the pump as the
         connection closed, and its acknowledgement was lost with it (a duplicate on resume)."""
         if qos == 0:
+            self._receiving = (mid, self._generation)
             return ignore
         with self._ack_lock:
-            if self._draining:
+            if self._draining or self._lost:  # (`_lost`: what a connection found lost still holds unread)
                 return None
             generation = self._generation
+            self._receiving = (mid, generation)
             self._unacked.add(mid)
 
         def ack() -> None:
@@ -626,6 +634,48 @@ class MqttAdapter:
                     self._acks_sent = True
                     self._acked.notify_all()
         return ack
+
+    def _put(self, message: Inbound) -> None:
+        """Hand a message received now to the pump, which asks `_abandoned` while it is full."""
+        message.abandoned = self._abandoned
+        self.put(message)
+
+    def _abandoned(self) -> bool:
+        """Asked by a full pump, on the client's network thread it holds, while the message received (`_receiving`)
+        waits for room: whether to give it up, unqueued and unacknowledged, for the broker to send again after the
+        reconnect or the resume, and let the thread go back to its connection. Yes once that connection is lost,
+        found here (`_socket_lost`: the held thread reads nothing, so paho cannot notice), or a pause began. Held
+        until the pump had room (for good in a store outage), the thread hid a lost connection (still connected, no
+        error), and a pause waited up to `PAUSE_DRAIN_S` for that message, then for the thread to stop."""
+        if not self._lost and self._socket_lost():
+            self._lost = True
+            self._new_connection()  # nothing more is acknowledged over it, nor awaited by a pause
+            self._barrier_passed.set()
+            self._set_connected(False)
+            self._error(f"connection to broker {self._where()} lost while the connector's pump was full (its receive "
+                        "thread waiting for room, which reads nothing meanwhile: a delivery to the twins is slow or "
+                        "failing, see the pump's last error): what the broker delivered and was not acknowledged is "
+                        "sent again after the reconnect; reconnecting with backoff")
+        with self._ack_lock:
+            mid, generation = self._receiving
+            if generation == self._generation and not (self._draining or self._lost):
+                return False
+            self._unacked.discard(mid)
+            self._acked.notify_all()
+        return True
+
+    def _socket_lost(self) -> bool:
+        """Whether the broker closed or reset the connection (its restart, its keep-alive ending a connection whose
+        held thread sent nothing for 1.5 keepalives), read from the kernel's TCP state without taking a byte of what
+        it holds for paho (Linux's TCP_INFO; elsewhere never: a full pump then hides a lost connection until it has
+        room again). A network gone silent, where no close or reset arrives, is not seen here."""
+        sock = self.client.socket()
+        if sock is None or not hasattr(socket, "TCP_INFO"):
+            return False
+        try:
+            return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_ESTABLISHED
+        except OSError:  # (closed meanwhile)
+            return True
 
     def _command_ack(self, msg: paho.MQTTMessage, ack: Callable[[], None]) -> str | None:
         """Hand an asset's answer on `ack_topic` to `on_ack`, which acknowledges it (`ack`) once it is recorded; for

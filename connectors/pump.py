@@ -2,7 +2,8 @@
 
 An adapter's receive thread `put`s mapped messages; when the queue is full (`max_queued` messages,
 or `max_queued_bytes` of them as received) it blocks, so the source (the broker's in-flight window,
-the OPC UA subscription) is held back instead of memory growing. The pump's thread takes up to
+the OPC UA subscription) is held back instead of memory growing, until the message's source no longer
+awaits it (`Inbound.abandoned`: MQTT's connection lost, or a pause). The pump's thread takes up to
 `batch_size` events, or whatever arrived within `linger_s` of the oldest, delivers them and only
 then acknowledges each message. A failed delivery (shards restarting, the store unreachable) is
 retried with backoff, never dropped and never acknowledged, so a message leaves the source's care
@@ -25,6 +26,8 @@ log = logging.getLogger("raytwin.connectors")
 RETRY_MIN_S, RETRY_MAX_S = 0.2, 10.0
 MAX_QUEUED, MAX_QUEUED_BYTES = 10_000, 64 << 20
 """The queue's bounds: messages, and their bytes as received (`Inbound.size`); one message always fits."""
+HELD_CHECK_S = 0.5
+"""How often a `put` waiting for room asks whether its message is still awaited (`Inbound.abandoned`)."""
 
 
 @dataclass
@@ -69,13 +72,14 @@ class Pump:
         self._thread.start()
 
     def put(self, message: Inbound) -> None:
-        """Called from the adapter's receive thread; blocks while the queue is full (backpressure)."""
+        """Called from the adapter's receive thread; blocks while the queue is full (backpressure), and gives the
+        message up, unqueued, once its source no longer awaits it (`Inbound.abandoned`, asked every `HELD_CHECK_S`)."""
         with self._changed:
             while self._queue and (len(self._queue) >= self.max_queued
                                    or self._queued_bytes + message.size > self.max_queued_bytes):
-                if self._stop.is_set():
+                if self._stop.is_set() or message.abandoned():
                     return
-                self._changed.wait(0.5)
+                self._changed.wait(HELD_CHECK_S)
             self._queue.append(message)
             self._queued_bytes += message.size
             self._changed.notify_all()

@@ -41,6 +41,10 @@ class Inbound:
     """The bytes of the message as received, which the pump's memory bound counts (0: negligible)."""
     received: float = field(default_factory=time.monotonic)
     """When the connector received it (`time.monotonic`): the pump's lag counts from it (`Pump.lag_s`)."""
+    abandoned: Callable[[], bool] = field(default=lambda: False)
+    """Asked by a full pump while it waits for room: whether the source no longer awaits the message (MQTT: the
+    connection it came on is lost, or a pause began), which then gives it up, unqueued and unacknowledged, for the
+    source to send again (`connectors.mqtt.MqttAdapter._abandoned`)."""
 
 
 @dataclass

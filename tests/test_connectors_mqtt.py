@@ -17,6 +17,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -825,17 +826,18 @@ def test_a_pause_mid_stream_hands_no_message_over_twice(broker, monkeypatch, pro
 
 
 class HeldBarrier:
-    """An MQTT 3.1.1 broker that accepts every connection and subscription, sends a reading (`reads`: QoS 1, on
+    """An MQTT 3.1.1 broker that accepts every connection and subscription, sends `reads` readings (QoS 1, on
     held/held-1/t, no twin's: what a pause must see acknowledged before it disconnects) and holds a pausing connector's
     barrier (its UNSUBSCRIBE, `unsubscribed`) until the test answers it (`answer("unsuback")`) or drops its connection
-    (`answer("drop")`)."""
+    (`answer("drop")`); `drop()` closes every connection at once."""
 
-    def __init__(self, reads: bool = True):
+    def __init__(self, reads: int = 1):
         self.reads = reads
         self.server = socket.create_server(("127.0.0.1", 0))
         self.server.settimeout(0.1)
         self.port = self.server.getsockname()[1]
         self.unsubscribed, self._answers, self._closed = threading.Event(), [], threading.Event()
+        self._connections: list[socket.socket] = []
         self._answered = threading.Condition()
         self._threads = [threading.Thread(target=self._accept)]
         self._threads[0].start()
@@ -854,8 +856,14 @@ class HeldBarrier:
             self._threads.append(threading.Thread(target=self._serve, args=(conn,)))
             self._threads[-1].start()
 
+    def drop(self) -> None:
+        for conn in self._connections:
+            with suppress(OSError):  # (one closed already)
+                conn.shutdown(socket.SHUT_RDWR)
+
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(WAIT_S)
+        self._connections.append(conn)
         with conn:
             while (packet := _mqtt_packet(conn)) is not None:
                 kind, body = packet
@@ -866,9 +874,9 @@ class HeldBarrier:
                     while at < len(body):
                         at += 3 + struct.unpack(">H", body[at:at + 2])[0]
                         granted += b"\x01"
-                    conn.sendall(bytes([0x90, 2 + len(granted)]) + body[:2] + granted
-                                 + (_publish_packet("held/held-1/t", json.dumps(reading(0)).encode())
-                                    if self.reads else b""))
+                    conn.sendall(bytes([0x90, 2 + len(granted)]) + body[:2] + granted + b"".join(
+                        _publish_packet("held/held-1/t", json.dumps(reading(k)).encode(), k + 1)
+                        for k in range(self.reads)))
                 elif kind == 0xA0:  # UNSUBSCRIBE: the barrier, held
                     self.unsubscribed.set()
                     with self._answered:
@@ -983,7 +991,7 @@ def test_a_pause_with_nothing_to_drain_does_not_wait_for_a_broker_that_no_longer
     from connectors import mqtt
 
     monkeypatch.setattr(mqtt, "PAUSE_DRAIN_S", WAIT_S)  # (the deadline: the test's own wait)
-    held = HeldBarrier(reads=False)  # it answers no barrier until it is closed
+    held = HeldBarrier(reads=0)  # it answers no barrier until it is closed
     spec = MqttSpec.model_validate(plant_spec(held.port, "3.1.1", name="idle", ack_topic=None))
     adapter = mqtt.MQTT.adapter(spec, Credentials(), lambda m: m.ack(), lambda *ack: None)
     pausing = threading.Thread(target=adapter.pause)
@@ -997,6 +1005,59 @@ def test_a_pause_with_nothing_to_drain_does_not_wait_for_a_broker_that_no_longer
         held.close()
         pausing.join(WAIT_S)
         adapter.stop()
+
+
+class Outage:
+    """A sink whose deliveries wait until `over` (a store outage, slow shards): the pump fills up behind it."""
+
+    def __init__(self):
+        self.over, self.delivering = threading.Event(), threading.Event()
+
+    def deliver(self, batch: list) -> Delivery:
+        self.delivering.set()
+        assert self.over.wait(WAIT_S)
+        return Delivery()
+
+
+def test_a_connection_lost_while_a_full_pump_holds_the_receive_thread_is_said_and_a_pause_returns(monkeypatch):
+    """A full pump holds the client's network thread in `put` (backpressure), so paho read nothing and never saw its
+    connection closed: the connector read connected with no error for as long as the pump stayed full (a store
+    outage: for good), and a pause waited PAUSE_DRAIN_S for the held message, then for the thread to stop, until the
+    pump had room. The loss is found while the pump is full (the socket's TCP state), said (connected false and its
+    gauge 0, `last_error`, the log), and a pause returns at once."""
+    from types import SimpleNamespace
+
+    from connectors import mqtt
+    from raytwin import metrics
+
+    gauge: list[float] = []
+    monkeypatch.setattr(metrics, "CONNECTOR_CONNECTED", SimpleNamespace(set=lambda v, **labels: gauge.append(v)))
+    monkeypatch.setattr(mqtt, "PAUSE_DRAIN_S", WAIT_S)  # (the deadline: the test's own wait)
+    held = HeldBarrier(reads=3)
+    spec = MqttSpec.model_validate(plant_spec(held.port, "3.1.1", name="full", ack_topic=None, broker={
+        "host": "127.0.0.1", "port": held.port, "protocol": "3.1.1", "reconnect_min_s": 60, "reconnect_max_s": 60}))
+    sink = Outage()
+    pump = Pump(sink, "acme/full", batch_size=1, linger_s=0.0, max_queued=1)
+    adapter = mqtt.MQTT.adapter(spec, Credentials(), pump.put, lambda *ack: None)
+    pausing = threading.Thread(target=adapter.pause)
+    try:
+        adapter.start()
+        wait_for(lambda: sink.delivering.is_set() and len(pump._queue) == 1 and adapter._unacked == {1, 2, 3},
+                 "reading 1 delivered, 2 queued, and 3 holding the network thread in the full pump")
+        assert adapter.connected()
+        held.drop()
+        wait_for(lambda: not adapter.connected(), "the lost connection found, though the pump is still full")
+        assert adapter.last_error.startswith(f"connection to broker 127.0.0.1:{held.port} lost while the connector's "
+                                             "pump was full") and adapter.errors == 1 and gauge[-1] == 0.0
+        pausing.start()
+        pausing.join(WAIT_S / 4)
+        assert not pausing.is_alive() and not adapter.connected() and not sink.over.is_set()
+    finally:
+        sink.over.set()
+        held.close()
+        pausing.join(WAIT_S)
+        adapter.stop()
+        pump.stop()
 
 
 def test_a_retained_message_is_read_once_not_at_every_reconnect(twins, connectors, broker):
