@@ -20,7 +20,8 @@
   subscription the broker refuses (its ACL) leaves the connector not connected, with the refusal as
   its last error; one granted at QoS 0 (at most once: a crash could lose messages) is an error too.
 - **A pause hands nothing over twice**: it disconnects once what it handed over is acknowledged and the broker has
-  read the acknowledgements (`pause`), leaving what arrives meanwhile to be sent again on resume.
+  read the acknowledgements (`pause`), leaving what arrives meanwhile to be sent again on resume. It cuts a connection
+  attempt in progress short (`_Client.cut_attempts`).
 - **A full pump hides no lost connection**: the network thread it holds reads nothing, so the connection's TCP state
   is read meanwhile (`_abandoned`), and a connection the broker closed is said lost at once.
 - **Reconnects** with exponential backoff (`reconnect_min_s` .. `reconnect_max_s`), also for the
@@ -45,6 +46,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -290,19 +292,51 @@ class MqttSpec(ConnectorSpec):
 
 class _Client(paho.Client):
     """paho's client, keeping why the last connection attempt failed (paho's `on_connect_fail` is told nothing),
-    and connecting a tenant's connector only where its `reach` allows."""
+    connecting a tenant's connector only where its `reach` allows, and letting a pause cut an attempt short
+    (`cut_attempts`)."""
 
     connect_error: OSError | None = None
     reach: Reach | None = None  # None: the operator's connector, which reaches any host
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._attempt_lock = threading.Lock()
+        self._attempt: socket.socket | None = None  # the socket a connection attempt is connecting, until it returns
+        self.attempts_cut = False
+
     def _create_socket_connection(self) -> socket.socket:
         """With a `reach`, the broker's name is resolved once per attempt and the socket connected to an address
         it allows: paho resolving the name again could get another answer (DNS rebinding: 169.254.169.254). TLS
-        still checks the certificate against the name (`_ssl_wrap_socket` uses it). No proxy is used for these."""
-        if self.reach is None:
+        still checks the certificate against the name (`_ssl_wrap_socket` uses it). No proxy is used for these;
+        without a `reach`, an `mqtt_proxy` of the environment is (paho's own connect, which nothing cuts short)."""
+        source = (self._bind_address, self._bind_port)
+        if self.reach is None and self._get_proxy():
             return super()._create_socket_connection()
-        return open_connection(self.reach.vetted(self._host, self._port), self._connect_timeout,
-                               (self._bind_address, self._bind_port))
+        infos = (self.reach.vetted(self._host, self._port) if self.reach is not None
+                 else socket.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM))
+        return open_connection(infos, self._connect_timeout, source, self._attempting)
+
+    def _attempting(self, sock: socket.socket | None) -> None:
+        """The socket being connected now (None: the attempt is over), which `cut_attempts` shuts down."""
+        with self._attempt_lock:
+            if sock is not None and self.attempts_cut:
+                raise ConnectionAbortedError("connection attempt cut short: the connector is pausing or stopping")
+            self._attempt = sock
+
+    def cut_attempts(self) -> None:
+        """End the connection attempt in progress (its TCP connect, or TLS handshake) and refuse later ones, until
+        `connect_async`: a pause or stop waits for the client's network thread, which an attempt to a host that does
+        not answer held for `connect_timeout` (5 s) per address of the broker's name. Its name's resolution is not cut
+        short (the resolver's own timeouts)."""
+        with self._attempt_lock:
+            self.attempts_cut = True
+            if self._attempt is not None:
+                with suppress(OSError):
+                    self._attempt.shutdown(socket.SHUT_RDWR)
+
+    def connect_async(self, *args: Any, **kwargs: Any) -> None:
+        self.attempts_cut = False
+        super().connect_async(*args, **kwargs)
 
     def reconnect(self) -> paho.MQTTErrorCode:
         try:
@@ -310,6 +344,8 @@ class _Client(paho.Client):
         except OSError as exc:
             self.connect_error = exc
             raise
+        finally:
+            self._attempting(None)
 
 
 def connect_failure(host: str, port: int, exc: OSError | None, timeout_s: float, tls: bool = False) -> str:
@@ -438,7 +474,8 @@ class MqttAdapter:
             result, self._barrier = self.client.unsubscribe(self._barrier_filter())
             if result == paho.MQTT_ERR_SUCCESS:
                 self._barrier_passed.wait(max(0.0, deadline - time.monotonic()))
-        self.client.disconnect()
+        self.client.disconnect()  # (no attempt starts after it)
+        self.client.cut_attempts()
         self.client.loop_stop()
         self._set_connected(False)
         self._running = False
@@ -535,6 +572,8 @@ class MqttAdapter:
             self._error(f"disconnected from broker {self._where()}: {reason}; reconnecting with backoff")
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        if self.client.attempts_cut:  # a pause's (or stop's) own doing
+            return
         b = self.spec.broker
         why = connect_failure(b.host, b.port, self.client.connect_error, self.client.connect_timeout, b.tls is not None)
         self._error(f"{why}; retrying with backoff")

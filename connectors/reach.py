@@ -172,14 +172,16 @@ def parse_entry(entry: str) -> tuple[str | Network, int | None]:
     return (network if network is not None else _name(text)), port
 
 
-def open_connection(infos: list[AddrInfo], timeout: float | None,
-                    source: tuple[str, int] | None = None) -> socket.socket:
+def open_connection(infos: list[AddrInfo], timeout: float | None, source: tuple[str, int] | None = None,
+                    attempting: Callable[[socket.socket], None] = lambda sock: None) -> socket.socket:
     """A TCP socket connected to the first of `infos` that answers, as `socket.create_connection` does but
-    without resolving a name: the address connected to is one that was vetted."""
+    without resolving a name: the address connected to is one that was vetted. `attempting` is told each socket
+    before it connects (so that another thread can cut the attempt short: `socket.shutdown`), and may raise."""
     error: OSError = Unreachable("no address to connect to")
     for family, kind, proto, _, sockaddr in infos:
         sock = socket.socket(family, kind, proto)
         try:
+            attempting(sock)
             sock.settimeout(timeout)
             if source:
                 sock.bind(source)
