@@ -295,12 +295,17 @@ def calibrate_synthetic(
     import pyarrow.parquet as pq
 
     from raytwin.models_cli import resolve_model
-    from raytwin.sim import ModelCheckError
+    from raytwin.sim import Model, ModelCheckError
     from raytwin.sim.checks import check_params
     from sweeps.kits import kit_for
     from sweeps.synthetic import synthetic_telemetry
 
     sim = resolve_model(model)
+    if not isinstance(sim, Model):  # the ground truth integrates the model's JAX derivative, which an FMU has not
+        raise typer.BadParameter(
+            f"{sim.name} is an FMU: this command integrates a JAX model's equations with solve_ivp. Simulate the FMU "
+            "itself (raytwin.fmu: cached_instance(model).run(FmuScenario(...))), add noise, and write t_s, its inputs "
+            "and its outputs to Parquet (raytwin/fmu/README.md)", param_hint="MODEL")
 
     def pairs(items: list[str] | None, option: str, known: tuple[str, ...], nonnegative: bool) -> dict[str, float]:
         """``NAME=VALUE`` options as a dict; `known` names and finite values (`nonnegative` ones) only."""
@@ -343,7 +348,9 @@ def _excited(sim: Model, table: pa.Table, generic: bool) -> str:
     """The line that says how far the data move each input: a parameter that only an input barely moved (a 6 kW
     heater's efficiency under the generic excitation's +-1 W around a zero nominal) cannot be fitted from it."""
     spans = ", ".join(f"{v.name} {min(table[v.name].to_pylist()):.4g} to {max(table[v.name].to_pylist()):.4g} {v.unit}"
-                      for v in sim.inputs) or "none"
+                      for v in sim.inputs)
+    if not spans:
+        return "inputs: none"
     source = ("no kit: random levels within each input's nominal +- 50 %, +- 1 around a zero nominal; where that moves "
               "an input too little to fit a parameter, write your own data") if generic else "the kit's excitation"
     return f"inputs: {spans} ({source})"

@@ -43,7 +43,7 @@ def excitation(model: Model | str, n_steps: int, dt: float, seed: int = 0) -> np
     for var in model.inputs:  # open-loop signals of numbers only (checked by `Kit`), in float64 NumPy
         fn = signal_function(signals[var.name], horizon_s=n_steps * dt, step_s=dt, offset=seed, unit=var.unit, xp=np)
         columns.append(np.asarray(fn(t, None, {}), dtype=np.float64))
-    return np.column_stack(columns)
+    return np.column_stack(columns) if columns else np.empty((n_steps, 0))  # a model without inputs: no column
 
 
 def synthetic_telemetry(

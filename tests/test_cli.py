@@ -104,6 +104,44 @@ def test_calibrate_synthetic_imports_a_model_from_the_working_directory(tmp_path
     assert missing.exit_code == 2 and "cannot import no_such_module" in missing.output
 
 
+NO_INPUT_MODEL = """
+from raytwin.models import Model, Output, Param, State
+
+DECAY = Model(name="decay", version="0.1.0", description="first-order decay, no inputs",
+              states=(State("v", "V", "voltage", -100.0, 100.0, nominal=10.0, prior_std=0.1, process_std=1e-3),),
+              inputs=(), params=(Param("k", "1/s", 0.5, 0.1, 2.0, "rate"),),
+              outputs=(Output("v", "V", "voltage", -100.0, 100.0, measurement_std=0.01),),
+              coefficients=lambda p: p, derivative=lambda x, u, c: (-c[0] * x[0],), output=lambda x, u, c: x,
+              default_dt=0.01)
+"""
+
+
+def test_calibrate_synthetic_writes_a_model_without_inputs(tmp_path, monkeypatch):
+    """A model driven by its start state alone (no inputs) gets its telemetry; it crashed on an empty input stack."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    (tmp_path / "cli_decay.py").write_text(NO_INPUT_MODEL)
+    monkeypatch.chdir(tmp_path)
+    made = CliRunner().invoke(app, ["calibrate", "synthetic", "cli_decay:DECAY", "--out", "d.parquet", "--steps", "101",
+                                    "--param", "k=0.7"])
+    assert made.exit_code == 0, made.output
+    assert re.search(r"^inputs: none$", made.output, re.M), made.output
+    table = pq.read_table(tmp_path / "d.parquet")
+    assert table.column_names == ["t_s", "v"]
+    np.testing.assert_allclose(table["v"].to_numpy()[-1], 10.0 * np.exp(-0.7), rtol=1e-6)  # v(1 s), no noise asked
+
+
+def test_calibrate_synthetic_refuses_an_fmu_saying_how_to_make_its_data(tmp_path, reference_fmus):
+    from raytwin.fmu import store_fmu
+
+    url = store_fmu(reference_fmus[(2, "VanDerPol")], str(tmp_path / "registry")).url
+    result = CliRunner().invoke(app, ["calibrate", "synthetic", url, "--out", str(tmp_path / "v.parquet")])
+    assert result.exit_code == 2, result.output
+    assert "is an FMU: this command integrates a JAX model's equations" in _said(result), result.output
+    assert "Traceback" not in result.output and not (tmp_path / "v.parquet").exists()
+
+
 @pytest.mark.parametrize("args, reason", [
     (["--param", "kk=1"], "Invalid value for --param: unknown name(s) ['kk']; two_tank has ['a1_tank', "),
     (["--noise", "y=0.1"], "Invalid value for --noise: unknown name(s) ['y']; two_tank has ['h1', 'h2']"),
