@@ -132,7 +132,7 @@ def sweep_run(
     """Run a sweep, write its metrics dataset and run record; print the run id."""
     from raytwin.fmu.batch import METRICS
     from sweeps.fmu import FmuSpecError, FmuSweepSpec, registered_fmu
-    from sweeps.runner import DIVERGED_ADVICE, SweepCancelled, prepare
+    from sweeps.runner import DIVERGED_ADVICE, SweepCancelled, prepare, rate_text
     from sweeps.runs import RunError, recorded_fmu_sweep, recorded_sweep
     from sweeps.spec import SweepSpec
 
@@ -160,7 +160,7 @@ def sweep_run(
         raise typer.Exit(130) from None
     s = record.summary
     typer.echo(f"run {record.run_id}: {s['scenarios']} scenarios in {s['elapsed_s']} s "
-               f"({s['scenarios_per_s']:.0f}/s) -> {record.output_url}")
+               f"({rate_text(s['scenarios_per_s'])}/s) -> {record.output_url}")
     if s["diverged"]:
         typer.echo(f"diverged: {s['diverged']} of {s['scenarios']} scenarios left their states' plausible range "
                    f"or turned NaN (metrics NaN, column `diverged`; left out of quantiles): {DIVERGED_ADVICE}")

@@ -226,7 +226,7 @@ def recorded_sweep(
                            max_scenarios=max_scenarios)
         summary = {"scenarios": result.n_scenarios, "diverged": result.n_diverged, "chunks": result.n_chunks,
                    "elapsed_s": round(result.elapsed_s, 3),
-                   "scenarios_per_s": round(result.scenarios_per_s, 1), "platforms": result.platforms}
+                   "scenarios_per_s": float(f"{result.scenarios_per_s:.3g}"), "platforms": result.platforms}
         return result.outputs, summary
 
     return _recorded(store, "sweep", spec, execute, input_url=None, input_hash=None,

@@ -182,6 +182,28 @@ def test_sweep_run_refuses_an_absurd_size_up_front_saying_what_it_would_write(tm
     assert not (tmp_path / "runs").exists()
 
 
+def test_sweep_run_says_a_slow_sweeps_rate_as_it_was(tmp_path, monkeypatch):
+    """8 scenarios in 20.6 s printed "(0/s)" (and recorded 0.4): a slow sweep's rate has 3 significant digits."""
+    from types import SimpleNamespace
+
+    import sweeps.runner
+    import sweeps.runs
+    from sweeps.runs import RunStore
+
+    monkeypatch.setattr(sweeps.runner, "ensure_ray", lambda: None)  # the sweep itself is replaced: no Ray needed
+    monkeypatch.setattr(sweeps.runs, "run_sweep", lambda *args, **kwargs: SimpleNamespace(
+        outputs={}, n_scenarios=8, n_diverged=0, n_chunks=1, elapsed_s=20.57, scenarios_per_s=8 / 20.57,
+        platforms=["cpu"]))
+    dims = [{"name": "a1", "target": "param", "mode": "scale", "low": 0.9, "high": 1.1}]
+    runs = str(tmp_path / "runs")
+    spec = _spec_file(tmp_path, model="two_tank", space={"method": "lhs", "n": 8, "dimensions": dims})
+    result = CliRunner().invoke(app, ["sweep", "run", spec, "--runs", runs])
+    assert result.exit_code == 0, result.output
+    assert "8 scenarios in 20.57 s (0.389/s)" in result.output
+    [record] = RunStore(runs).list()
+    assert record.summary["scenarios_per_s"] == 0.389
+
+
 def test_sweep_run_refuses_more_scenario_steps_than_max_work_up_front(tmp_path):
     """1,000 scenarios x 1e7 steps ran 88 s with no estimate: the scenario count alone passed the guard."""
     dims = [{"name": "a1", "target": "param", "mode": "scale", "low": 0.9, "high": 1.1}]
