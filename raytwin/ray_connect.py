@@ -15,7 +15,7 @@ import socket
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-__all__ = ["PROBE_TIMEOUT_S", "cancel_tasks", "cancels_deferred", "unreachable"]
+__all__ = ["PROBE_TIMEOUT_S", "cancel_tasks", "cancels_deferred", "first_line", "local_start_failure", "unreachable"]
 
 _deferred: contextvars.ContextVar[list | None] = contextvars.ContextVar("raytwin_deferred_cancels", default=None)
 
@@ -49,6 +49,24 @@ def unreachable(address: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> str 
     except OSError as e:
         reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
         return f"nothing answers at {host}:{port} ({reason})"
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-blank line of `e`'s message (its type's name if none): Ray's errors run to many lines."""
+    return next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
+
+
+def local_start_failure(e: BaseException, join: str, temp_dir: str = "default RAY_TMPDIR/ray") -> str:
+    """The one line a command prints when the local Ray it started did not come up, saying what to do: a node that
+    took longer than the 30 s `ray.init` waits for it (hard-coded in Ray 2.60's `ray._private.node`, no setting
+    raises it) is a loaded machine, where Ray's ~60-line traceback said nothing of the kind. `join` says how the
+    command takes a Ray started by hand (`pass --address`)."""
+    if "timed out" in str(e):
+        hint = ("this machine is probably loaded: Ray waits 30 s for its node, and no setting raises that; retry "
+                f"when it is less busy, or start Ray yourself, `ray start --head`, and {join}")
+    else:
+        hint = f"Ray's logs: session_latest/logs in its temporary directory ({temp_dir})"
+    return f"error: the local Ray did not start: {first_line(e)} ({hint})"
 
 
 def cancel_tasks(refs: Iterable[Any]) -> None:

@@ -20,7 +20,7 @@ import typer
 from pydantic import ValidationError
 
 from raytwin.contracts import describe_error
-from raytwin.ray_connect import unreachable
+from raytwin.ray_connect import first_line, local_start_failure, unreachable
 from serve_apps.auth import (GrantName, KeyChangeRefused, RevokedKey, RoleName, create_key, load_keys, revoke_key,
                               set_key_owner)
 from serve_apps.config import Autoscaling
@@ -173,7 +173,7 @@ def start(
                 raise ConnectionError(reason)
             context = ray.init(address=address)
         except Exception as e:  # noqa: BLE001 - Ray raises several kinds; each is one line for the operator
-            typer.echo(f"error: cannot connect to the Ray cluster at {address}: {_first_line(e)} (is it running? a "
+            typer.echo(f"error: cannot connect to the Ray cluster at {address}: {first_line(e)} (is it running? a "
                        "cluster that requires a token needs RAY_AUTH_MODE=token and its token in this environment)",
                        err=True)
             raise typer.Exit(1) from None
@@ -189,7 +189,7 @@ def start(
         try:
             context = ray.init(**{k: v for k, v in local.items() if v is not None})
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its node is slow to start
-            typer.echo(f"error: the local Ray did not start: {_first_line(e)} ({_start_hint(e)})", err=True)
+            typer.echo(local_start_failure(e, "pass --address", "--temp-dir; default RAY_TMPDIR/ray"), err=True)
             raise typer.Exit(1) from None
     if address is not None and (bare := serve_env.nodes_without_proxy_callback()):
         typer.echo(f"warning: Ray node(s) {', '.join(bare)} started without RayTwin's proxy environment: their Serve "
@@ -237,20 +237,6 @@ def _config_args(path: Path) -> dict[str, Any]:
         raise typer.BadParameter(f"{path}: a JSON object of ServeConfig fields is expected, not a "
                                  f"{type(args).__name__}", param_hint="--config")
     return args
-
-
-def _first_line(e: Exception) -> str:
-    """The first non-blank line of `e`'s message (its type's name if none): Ray's errors run to many lines."""
-    return next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
-
-
-def _start_hint(e: Exception) -> str:
-    """What to do when the local Ray did not start: a node that took longer than the 30 s `ray.init` waits for
-    it (hard-coded in Ray 2.60's `ray._private.node`, no setting raises it) is a loaded machine."""
-    if "timed out" in str(e):
-        return ("this machine is probably loaded: Ray waits 30 s for its node, and no setting raises that; retry "
-                "when it is less busy, or start Ray yourself, `ray start --head`, and pass --address")
-    return "Ray's logs: session_latest/logs in its temporary directory (--temp-dir; default RAY_TMPDIR/ray)"
 
 
 @keys_app.command("create")

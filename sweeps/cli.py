@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 from pathlib import Path
 from collections.abc import Callable, Iterator
@@ -79,9 +80,16 @@ def _sigterm_recorded() -> Iterator[None]:
     """Within it, SIGTERM (`raytwin job stop`) raises `sweeps.runner.RunTerminated`: the run is recorded
     `cancelled` and a sweep's chunk tasks are cancelled, as on Ctrl-C. Ray is started first: `ray.init` installs
     its own handler (``sys.exit``), under which a terminated run was recorded with the error "1" or "15"."""
+    from raytwin.ray_connect import first_line, local_start_failure
     from sweeps.runner import ensure_ray
 
-    ensure_ray()
+    try:
+        ensure_ray()
+    except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its node is slow to start
+        address = os.environ.get("RAY_ADDRESS")
+        typer.echo(f"error: cannot connect to the Ray cluster at {address}: {first_line(e)}" if address
+                   else local_start_failure(e, "run this with RAY_ADDRESS=auto"), err=True)
+        raise typer.Exit(1) from None
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         yield

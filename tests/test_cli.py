@@ -204,6 +204,26 @@ def test_sweep_run_says_a_slow_sweeps_rate_as_it_was(tmp_path, monkeypatch):
     assert record.summary["scenarios_per_s"] == 0.389
 
 
+def test_a_local_ray_that_times_out_starting_is_one_line_for_a_sweep_too(tmp_path, monkeypatch):
+    """On a loaded machine `raytwin sweep run` and `calibrate run` printed Ray's bare start timeout as a ~60-line
+    traceback; `raytwin serve` said it in one line (tests/test_serve_units.py), and so do they now."""
+    import sweeps.runner
+
+    def timed_out() -> None:
+        raise Exception("The current node timed out during startup. This could happen because some of the raylet "
+                        "failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.setattr(sweeps.runner, "ensure_ray", timed_out)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    dims = [{"name": "a1", "target": "param", "mode": "scale", "low": 0.9, "high": 1.1}]
+    spec = _spec_file(tmp_path, model="two_tank", space={"method": "lhs", "n": 2, "dimensions": dims})
+    result = CliRunner().invoke(app, ["sweep", "run", spec, "--runs", str(tmp_path / "runs")])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.startswith("error: the local Ray did not start: The current node timed out during startup.")
+    assert "probably loaded" in result.output and "RAY_ADDRESS=auto" in result.output
+    assert not list((tmp_path / "runs").glob("*/run.json"))  # nothing ran, nothing recorded
+
+
 def test_sweep_run_refuses_more_scenario_steps_than_max_work_up_front(tmp_path):
     """1,000 scenarios x 1e7 steps ran 88 s with no estimate: the scenario count alone passed the guard."""
     dims = [{"name": "a1", "target": "param", "mode": "scale", "low": 0.9, "high": 1.1}]
