@@ -1036,6 +1036,10 @@ class Backend:
                                  self.audit, self._concluded, self.config.shard_read_timeout_s)
             except StoreFenced:  # the fence watch exports and logs it
                 continue
+            except ray.exceptions.GetTimeoutError:  # a shard starting or busy (compiling a twin's kernel): no fault
+                log.warning("event=shadow_conclusion_deferred retry_in_s=%g: a twin shard left the read of its shadow "
+                            "evaluations unanswered within shard_read_timeout_s (starting, restarting or busy): tried "
+                            "again next round", SHADOW_CONCLUDE_S)
             except Exception:  # noqa: BLE001 - the next round tries again; the evaluations keep their state meanwhile
                 log.warning("event=shadow_conclusion_failed", exc_info=True)
 

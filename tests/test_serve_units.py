@@ -2665,6 +2665,38 @@ def test_a_finished_shadow_evaluation_is_recorded_only_after_its_audit_intent(tm
         "action": "evaluate", "seq": evaluated.seq, "to_stage": "candidate", "hash": evaluated.hash}]}
 
 
+def test_a_shard_that_leaves_the_shadow_round_unanswered_is_one_line_saying_it_is_retried(caplog):
+    """While a shard started or compiled a new twin's kernel, the backend logged `event=shadow_conclusion_failed` with
+    a 24-line GetTimeoutError traceback every round (2 s): a normal wait read as a fault. Now one line says it waits."""
+    from types import SimpleNamespace
+
+    from ray.exceptions import GetTimeoutError
+
+    from serve_apps.backend import Backend
+
+    class Busy:
+        def shadows_running(self, timeout_s):
+            raise GetTimeoutError("Get timed out: some object(s) not ready.")
+
+    class Rounds:  # `_watch_stop`: two rounds, then closed
+        left = 2
+
+        def wait(self, timeout: float) -> bool:
+            self.left -= 1
+            return self.left < 0
+
+    backend = Backend.__new__(Backend)
+    backend.check_writable, backend._watch_stop = lambda: None, Rounds()
+    backend.twins, backend.config = SimpleNamespace(models=Busy()), SimpleNamespace(shard_read_timeout_s=0.5)
+    backend.audit, backend._concluded = None, set()
+    with caplog.at_level("WARNING", logger="raytwin.serve"):
+        backend._conclude_shadows()
+    said = [r for r in caplog.records if "event=shadow_conclusion" in r.getMessage()]
+    assert len(said) == 2 and all(r.exc_info is None for r in said), [r.getMessage() for r in said]
+    assert all("event=shadow_conclusion_deferred retry_in_s=2:" in r.getMessage() and "tried again next round"
+               in r.getMessage() for r in said)
+
+
 def test_recording_a_finished_shadow_evaluation_reads_the_lifecycle_log_once_before_it_writes(tmp_path, monkeypatch):
     """One evaluation read its model's lifecycle log three times before recording it: whether its candidate was
     archived, whether it was recorded, and again in `conclude`. One read answers all three (`evaluate` reads the log
