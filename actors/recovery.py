@@ -63,6 +63,19 @@ _RANGES = {"initial_std": (lambda v: v > 0, "finite and > 0"), "process_std": (l
            "measurement_std": (lambda v: v >= 0, "finite and >= 0")}
 
 
+_DECLARED = {"initial_std": "prior_std", "process_std": "process_std", "measurement_std": "measurement_std"}
+"""The model declaration's field that gives the default of each metadata kind of filter noise."""
+
+
+def _how_to_give(kind: str, missing: list[str]) -> str:
+    """Where to write noise the model lacks: the refusal named the values but not where they go."""
+    if kind not in _DECLARED:
+        return ""
+    example = ", ".join(f'"{kind}.{name}": "<std>"' for name in missing)
+    return (f" (give them in the asset's metadata, {{{example}}} in the variables' units, or declare "
+            f"{_DECLARED[kind]} on the model's variables: an FMU's with FmuModel.declare)")
+
+
 def check_registration(asset: Asset, artifact: ModelArtifact, initial_state: dict[str, float] | None,
                        initial_std: dict[str, float] | None) -> None:
     """Refuse (`RegistrationError`, every problem in one message) what the twin's filter would refuse
@@ -86,7 +99,7 @@ def check_registration(asset: Asset, artifact: ModelArtifact, initial_state: dic
         if unknown := sorted(set(values) - set(expected)):
             problems.append(f"{what}: unknown name(s) {unknown}; expected {list(expected)}")
         if missing := [n for n in expected if n not in values and n not in defaults[kind]]:
-            problems.append(f"{what}: no value and no model default for {missing}")
+            problems.append(f"{what}: no value and no model default for {missing}{_how_to_give(kind, missing)}")
         allowed, rule = _RANGES.get(kind, (lambda v: True, "finite"))
         if bad := {n: v for n, v in values.items() if not (math.isfinite(v) and allowed(v))}:
             problems.append(f"{what}: {bad} must be {rule}")

@@ -83,7 +83,10 @@ def test_an_fmu_twin_refuses_the_ekf_and_runs_the_ukf_by_default(vdp):
                                          r"needs Jacobians.*; use one of \['ukf'\]"):
         registration_record(_asset("a", filter="ekf"), artifact, None, {"x0": PRIOR_STD, "x1": PRIOR_STD})
     with pytest.raises(ValueError, match=r"asset a on model vdp@1.0.0: asset metadata initial_std\.\*: no value and "
-                                         r"no model default for \['x0', 'x1'\]"):
+                                         r"no model default for \['x0', 'x1'\] \(give them in the asset's metadata, "
+                                         r'\{"initial_std.x0": "<std>", "initial_std.x1": "<std>"\} in the variables\' '
+                                         r"units, or declare prior_std on the model's variables: an FMU's with "
+                                         r"FmuModel.declare\)"):
         registration_record(_asset("a"), artifact, None, None)  # an FMU declares no filter noise
     record = registration_record(_asset("a"), artifact, None, {"x0": PRIOR_STD, "x1": PRIOR_STD})
     assert "filter" not in record["asset"]["metadata"]  # the UKF, the FMU's default (the test below runs it)
