@@ -356,7 +356,8 @@ def build_problem(spec: CalibrationSpec, table: pa.Table, artifact_params: dict[
     if (few := too_few_samples(t.size, len(spec.free))) is not None:
         raise CalibrationError(f"calibration of {simulator}: {few}")
     columns = declared_columns(model.name, (*model.inputs, *model.outputs), table)
-    col = lambda names: np.column_stack([columns[c] for c in names])  # noqa: E731
+    col = lambda names: (np.column_stack([columns[c] for c in names]) if names  # noqa: E731
+                         else np.empty((t.size, 0)))  # a model without inputs: no column
     u, y = col(model.input_names), col(model.output_names)
     if not (np.isfinite(u).all() and np.isfinite(y).all()):
         raise CalibrationError("telemetry contains NaN/inf; drop or fill those samples first")

@@ -144,6 +144,21 @@ def test_too_few_samples_for_the_free_parameters_are_refused_before_the_search_n
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_without_inputs_is_fitted(tmp_path, monkeypatch):
+    """A model driven by its start state alone (no input columns) crashed on an empty input stack before any fit;
+    its least squares (in process, as the refinement after Ray Tune's search runs it) recovers its rate."""
+    from sweeps.calibration import refine
+    from tests.test_cli import NO_INPUT_MODEL
+
+    (tmp_path / "cal_decay.py").write_text(NO_INPUT_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    table = synthetic_telemetry("cal_decay:DECAY", {"k": 0.7}, {"v": 10.0}, 100, 0.01, {"v": 0.01}, 1)
+    spec = CalibrationSpec(model="cal_decay:DECAY", telemetry="decay.parquet", start_state={"v": 10.0}, free=["k"])
+    problem = build_problem(spec, table, {}, "cal_decay:DECAY")
+    theta, _ = refine(problem, np.log([1.5]))
+    assert np.exp(theta[0]) == pytest.approx(0.7, rel=0.01)
+
+
 def test_samples_further_apart_than_the_models_step_are_integrated_in_sub_steps():
     """The search and least squares took one RK4 step per sample: a DC motor sampled at 50 Hz (its default step
     2 ms) missed its own noise-free truth by 0.26 sigma, and a pendulum sampled at 2 Hz fitted its length 90 sigma
