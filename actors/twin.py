@@ -590,15 +590,9 @@ def apply_many(batches: list[tuple[Twin, list[Pending]]], each_next: bool = Fals
     restarted on (`Restarted`). `each_next`: the caller found each twin's one event `Twin.takes_next` (not
     checked again): `apply_next` runs them."""
     todo = [(twin, events) for twin, events in batches if events]
-    one = [True] * len(todo) if each_next else [_one_next(twin, events) for twin, events in todo]
-    nexts = (apply_next([twin for (twin, _), o in zip(todo, one) if o], [evs[0] for (_, evs), o in zip(todo, one) if o])
-             if any(one) else None)
-    if all(one):  # a later round is never such: only a swapping twin has one
-        return nexts or Applied([], [])
-    # the twins taking one next event ran as `apply_next`'s columns, the others' first round runs beside: in a live
-    # stream's call a few twins have two events, which sent every twin through a `Twin._plan` and `_absorb`
-    applied, round_twins = Applied([], []), [twin for twin, _ in todo]
-    todo = [(twin, events) for (twin, events), o in zip(todo, one) if not o]
+    if todo and (each_next or _each_next(todo)):  # a later round is never such: only a swapping twin has one
+        return apply_next([twin for twin, _ in todo], [events[0] for _, events in todo])
+    applied = Applied([], [])
     while todo:
         plans = [(twin, *twin._plan(events)) for twin, events in todo]
         twins, runs = [twin for twin, *_ in plans], [events for _, events, _, _ in plans]
@@ -606,9 +600,6 @@ def apply_many(batches: list[tuple[Twin, list[Pending]]], each_next: bool = Fals
         _report(traces, twins, runs, applied)
         for k, (twin, events, final) in enumerate(zip(twins, runs, traces.final_packed())):
             twin._absorb(events, traces, k, final)
-        if nexts is not None:
-            _merge_round(round_twins, nexts, applied)
-            nexts = None
         todo = [(twin, later) for twin, _, _, later in plans if later]
     return applied
 
@@ -622,19 +613,6 @@ def apply_next(twins: list[Twin], events: list[Pending], columns: EventColumns |
     _report(traces, twins, list(zip(events)), applied)
     _absorb_next(twins, events, traces.final_packed())
     return applied
-
-
-def _merge_round(twins: list[Twin], nexts: Applied, into: Applied) -> None:
-    """Add `nexts` (the reports of a round's twins run apart, by `apply_next`) to `into` (the round's others')
-    in the order one dispatch of all `twins` reports them (`_report`): by model kernel in the order the twins
-    first run it, then by twin."""
-    rank: dict[object, int] = {}
-    for twin in twins:  # after the round's plans: a twin's filter is the one it ran
-        rank.setdefault(twin.filter._kernels, len(rank))
-    at = {id(twin): k for k, twin in enumerate(twins)}
-    for mine, theirs in ((into.refused, nexts.refused), (into.restarted, nexts.restarted)):
-        if theirs:
-            mine[:] = sorted(mine + theirs, key=lambda r: (rank[r.twin.filter._kernels], at[id(r.twin)]))
 
 
 def _report(traces: Traces, twins: list[Twin], runs: list[list[Pending]] | list[tuple[Pending]],
@@ -673,11 +651,11 @@ def _gap_s(twin: Twin, events: list[Pending], i: int) -> float:
     return events[i].key[0] / 1e6 - before
 
 
-def _one_next(twin: Twin, events: list[Pending]) -> bool:
-    """Whether the twin takes one event, after its last applied, on its only model (no rewind, no swap, no drift
+def _each_next(todo: list[tuple[Twin, list[Pending]]]) -> bool:
+    """Whether each twin takes one event, after its last applied, on its only model (no rewind, no swap, no drift
     clear ahead)."""
-    return (len(events) == 1 and len(twin.segments) == 1 and (twin.last_key is None or events[0].key > twin.last_key)
-            and not twin._clear_ahead())
+    return all(len(events) == 1 and len(twin.segments) == 1 and (twin.last_key is None or events[0].key > twin.last_key)
+               and not twin._clear_ahead() for twin, events in todo)
 
 
 def _assimilate_next(events: list[Pending], twins: list[Twin], columns: EventColumns | None = None) -> Traces:

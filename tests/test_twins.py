@@ -34,8 +34,7 @@ from actors.progress import Busy, CallClock, probe_call, probed_actor, timed_cal
 from actors.recovery import registration_record
 from actors.shard import TwinShard, TwinShardProcess, asset_codes
 from actors.telemetry import validated_table
-from actors.twin import (CONFLICT, DUPLICATE, TOO_LATE, Restarted, Twin, _assimilate_next, apply_many, apply_next,
-                         logged_event,
+from actors.twin import (CONFLICT, DUPLICATE, TOO_LATE, Restarted, Twin, _assimilate_next, apply_many, logged_event,
                          replay, state_view)
 from raytwin import statestore
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
@@ -269,7 +268,7 @@ def test_drift_clears_before_the_pruned_history_are_dropped_and_no_read_of_the_t
 
 def test_a_replay_of_one_event_at_a_drift_clears_point_clears_there(artifact):
     """A recovery whose snapshot is one event before a clear replays that event alone: it clears at it as the
-    live twin did, not on the one-event path (`takes_next`, `_one_next`), which knows no clears."""
+    live twin did, not on the one-event path (`takes_next`, `_each_next`), which knows no clears."""
     evs = [logged_event(e, artifact.asset_type) for e in stepped(events("z1", 60))]
     live = Twin("acme", "z1", artifact)
     replay(live, evs)
@@ -474,8 +473,8 @@ def test_twins_taking_one_event_each_get_the_bits_of_the_general_path(artifact, 
     columnar = []
     monkeypatch.setattr(twin_module, "_assimilate_next", lambda *a: columnar.append(1) or _assimilate_next(*a))
     results = []
-    for one_next in (twin_module._one_next, lambda twin, events: False):
-        monkeypatch.setattr(twin_module, "_one_next", one_next)
+    for each_next in (twin_module._each_next, lambda todo: False):
+        monkeypatch.setattr(twin_module, "_each_next", each_next)
         live, refused = twins(), []
         for k in range(12):
             batch = [(t, [t.pending(logged_event(s[k], t.artifact.asset_type))]) for t, s in zip(live, streams)]
@@ -496,54 +495,9 @@ def test_twins_taking_one_event_each_get_the_bits_of_the_general_path(artifact, 
         assert (a.last_key, a.max_time_us, a.drift) == (b.last_key, b.max_time_us, b.drift)
 
 
-def test_a_call_where_some_twins_take_one_next_event_gets_the_bits_and_order_of_the_general_path(artifact, bounded,
-                                                                                                  monkeypatch):
-    """A call where some twins take one event as their next and others several or a late one (a live stream's
-    usual call: a few twins with two) runs the one-event twins as columns (`apply_next`) beside the others' plans:
-    the same states, checkpoints and windows as every twin through the general path, and the refused events in its
-    order (by model in the order the twins first run it, then by twin: a shard's dead letters and report keep it),
-    over twins of two models interleaved, refusing events alone and beside twins of their model with several."""
-    import actors.twin as twin_module
-
-    names = ("b1", "z0", "b2", "z1")
-
-    def twins() -> list[Twin]:
-        return [Twin("acme", name, bounded if name[0] == "b" else artifact, checkpoint_every=3,
-                     allowed_lateness_s=4 * STEP_S) for name in names]
-
-    streams = [events(name, 24, seed=i) for i, name in enumerate(names)]
-    for i in (0, 2):  # the model refuses b1's and b2's events of steps 6-9
-        streams[i][6:10] = heated(streams[i][6:10], 40.0)
-    # each twin's events of 4 steps over two calls: one then three, one then three with a late one, three then one,
-    # three then a late one
-    shapes = ([[0], [1, 2, 3]], [[1], [0, 2, 3]], [[0, 1, 2], [3]], [[0, 2, 3], [1]])
-    calls = [[[4 * j + k for k in shape[c]] for shape in shapes] for j in range(6) for c in (0, 1)]
-    split = []
-    monkeypatch.setattr(twin_module, "apply_next", lambda t, *a: split.append(len(t)) or apply_next(t, *a))
-    results = []
-    for one_next in (twin_module._one_next, lambda twin, events: False):
-        monkeypatch.setattr(twin_module, "_one_next", one_next)
-        live, refused = twins(), []
-        for call in calls:
-            refused += [(r.twin.asset_id, r.event.key) for r in apply_many(
-                [(t, [t.pending(logged_event(s[k], t.artifact.asset_type)) for k in ks])
-                 for t, s, ks in zip(live, streams, call)]).refused]
-        results.append((live, refused))
-    (mixed, mixed_refused), (general, general_refused) = results
-    assert len(split) == len(calls) and set(split) == {1, 2}  # the split ran in every call of the first pass only
-    assert {a for a, _ in mixed_refused} == {"b1", "b2"} and mixed_refused == general_refused
-    for a, b in zip(mixed, general, strict=True):
-        assert a.fs.x.tobytes() == b.fs.x.tobytes() and a.fs.P.tobytes() == b.fs.P.tobytes()
-        assert repr(a.fs.divergence) == repr(b.fs.divergence)
-        assert [(c.key, c.events_applied, c.fs.x.tobytes(), c.fs.P.tobytes()) for c in a.checkpoints] == [
-            (c.key, c.events_applied, c.fs.x.tobytes(), c.fs.P.tobytes()) for c in b.checkpoints]
-        assert [e.key for e in a.window] == [e.key for e in b.window]
-        assert (a.last_key, a.events_applied, a.max_time_us) == (b.last_key, b.events_applied, b.max_time_us)
-
-
 def test_takes_next_is_an_event_classify_accepts_and_apply_runs_without_a_rewind_or_a_swap(artifact):
     """`Twin.takes_next` (the shard's live path decides an event with it instead of `classify`) is exactly:
-    `classify` accepts the event alone and `apply_many` would run it as the twin's next (`_one_next`), for
+    `classify` accepts the event alone and `apply_many` would run it as the twin's next (`_each_next`), for
     a fresh twin, re-deliveries, late events inside and beyond the window, ties on time and sequence, a
     twin whose later events run another model and a migration floor."""
     import actors.twin as twin_module
@@ -565,7 +519,7 @@ def test_takes_next_is_an_event_classify_accepts_and_apply_runs_without_a_rewind
     for twin in (fresh, fed, swapped, floored):
         for k in keys:
             ev = twin_module.Pending(k, values, "good")
-            expected = twin.classify([ev]) == [None] and twin_module._one_next(twin, [ev])
+            expected = twin.classify([ev]) == [None] and twin_module._each_next([(twin, [ev])])
             assert twin.takes_next(k) == expected, (twin.asset_id, k)
             decided.append(expected)
     assert any(decided) and not all(decided)
