@@ -127,11 +127,14 @@ def raw_table(rows: list[tuple[str, int, int, str, str, float, str]]) -> pa.Tabl
     })
 
 
-def live_rows(n_twins: int, step: int) -> list[tuple]:
-    """One event a twin, in order: a live call's usual shape."""
+def live_rows(n_twins: int, step: int, doubles: int = 0) -> list[tuple]:
+    """One event a twin, in order: a live call's usual shape; `doubles`: so many twins with a second event after
+    it (the `ingest` benchmark's stream, whose twins report about once a linger, has a few in most calls)."""
     us = T0_US + STEP_US * step
-    return [(f"zone-{i:05d}", us, step, f"zone-{i:05d}:{step}", "good", 20.0 + 0.01 * (step % 100), "degC")
-            for i in range(n_twins)]
+    value = 20.0 + 0.01 * (step % 100)
+    return [(f"zone-{i:05d}", us, step, f"zone-{i:05d}:{step}", "good", value, "degC") for i in range(n_twins)] + [
+        (f"zone-{i:05d}", us + STEP_US // 2, step, f"zone-{i:05d}:{step}b", "good", value, "degC")
+        for i in range(doubles)]
 
 
 def messy_rows(rng: random.Random, n_twins: int, step: int, sent: list[tuple]) -> list[tuple]:
@@ -263,9 +266,10 @@ def _digest(tree: Tree, batches: list[pa.Table], store: str) -> dict[str, str]:
             for k, v in parts.items()}
 
 
-def interleaved(trees: dict[str, Tree], calls: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds of thread CPU of each tree's live calls (`LIVE_TWINS` rows, one a twin), alternating call by call
-    and swapping which goes first every pair; the heap frozen, as in a shard process."""
+def interleaved(trees: dict[str, Tree], calls: int, warmup: int, doubles: int = 0) -> dict[str, list[float]]:
+    """Seconds of thread CPU of each tree's live calls (`LIVE_TWINS` rows, one a twin, and `doubles` twins' second
+    events: `live_rows`), alternating call by call and swapping which goes first every pair; the heap frozen, as in
+    a shard process."""
     labels = list(trees)
     with tempfile.TemporaryDirectory(prefix="raytwin-bench-shard-") as tmp:
         shards = {k: new_shard(t, f"{tmp}/{k}", LIVE_TWINS, lateness_s=3600.0, snapshot_every=500,
@@ -276,14 +280,15 @@ def interleaved(trees: dict[str, Tree], calls: int, warmup: int) -> dict[str, li
         gc.freeze()
         try:
             for step in range(warmup + calls):
-                batch = validated(first, live_rows(LIVE_TWINS, step))
+                batch = validated(first, live_rows(LIVE_TWINS, step, doubles))
                 for k in (labels if step % 2 == 0 else labels[::-1]):
                     with trees[k].active():
                         t0 = time.thread_time()
                         report = shards[k].ingest(TENANT, batch)
                         spent = time.thread_time() - t0
-                    if report.accepted != LIVE_TWINS:
-                        raise AssertionError(f"{k}'s shard accepted {report.accepted} of {LIVE_TWINS} live events")
+                    if report.accepted != LIVE_TWINS + doubles:
+                        raise AssertionError(f"{k}'s shard accepted {report.accepted} of {LIVE_TWINS + doubles} live "
+                                             "events")
                     if step >= warmup:
                         cpu[k].append(spent)
         finally:
@@ -291,10 +296,10 @@ def interleaved(trees: dict[str, Tree], calls: int, warmup: int) -> dict[str, li
     return cpu
 
 
-def compare(base: Path, first: str, calls: int, warmup: int, seeds: int, messy_calls: int = MESSY_CALLS
-            ) -> dict[str, Any]:
+def compare(base: Path, first: str, calls: int, warmup: int, seeds: int, messy_calls: int = MESSY_CALLS,
+            doubles: int = 0) -> dict[str, Any]:
     """One load order (`first`: "base" or "this" imported first): digests per seed of `messy_calls` batches,
-    then the interleaved calls."""
+    then the interleaved calls (`doubles`: so many twins with two events in each)."""
     load_at_start = os.getloadavg()[0]
     paths = {"base": base, "this": ROOT}
     order = [first, "this" if first == "base" else "base"]
@@ -309,7 +314,7 @@ def compare(base: Path, first: str, calls: int, warmup: int, seeds: int, messy_c
         differ = sorted({part for a, b in zip(digests["this"], digests["base"]) for part in a if a[part] != b[part]})
         raise AssertionError(f"this tree's shard differs from the base's in {differ}: a performance change must "
                              "keep everything observable the same")
-    cpu = interleaved({k: trees[k] for k in ("base", "this")}, calls, warmup)
+    cpu = interleaved({k: trees[k] for k in ("base", "this")}, calls, warmup, doubles)
     pairs = [t / b for t, b in zip(cpu["this"], cpu["base"])]
     return {"first": first, "median_s": {k: float(np.median(v)) for k, v in cpu.items()},
             "ratio_of_medians": float(np.median(cpu["this"]) / np.median(cpu["base"])),
@@ -377,12 +382,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=WARMUP)
     parser.add_argument("--seeds", type=int, default=SEEDS)
     parser.add_argument("--messy-calls", type=int, default=MESSY_CALLS)
+    parser.add_argument("--doubles", type=int, default=0, help="compare: twins with two events in each timed call")
     parser.add_argument("--top", type=int, default=40)
     args = parser.parse_args()
     if args.command == "profile":
         profile(args.calls, args.top)
     else:
-        print(json.dumps(compare(args.base, args.first, args.calls, args.warmup, args.seeds, args.messy_calls)))
+        print(json.dumps(compare(args.base, args.first, args.calls, args.warmup, args.seeds, args.messy_calls,
+                                 args.doubles)))
 
 
 if __name__ == "__main__":
