@@ -34,7 +34,7 @@ def _unwrapped_cli_errors(monkeypatch):
 
 BACKGROUND_THREADS = ("store-watch", "temp-sweep", "shadow-conclusions", "lifecycle-audit", "change-catch-up", "store-probe",
                       "connector-supervise", "raytwin-lease-heartbeat", "raytwin-ingest-source", "down-", "pump-",
-                      "opcua-")
+                      "opcua-", "twin-write-settle")
 """The names (or their starts) of the threads RayTwin's objects start and stop (`threading.Thread(name=...)` in
 the product code); not ``raytwin-metrics``, the process's own until it exits."""
 
