@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -200,8 +201,13 @@ def test_automatic_promotion_is_a_tenant_policy(lc):
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_exclusive_writes_have_one_winner(where, tmp_path, request):
+def test_exclusive_writes_have_one_winner(where, tmp_path, request, monkeypatch):
     url = str(tmp_path) if where == "local" else request.getfixturevalue("s3_url")
+    if where == "s3":  # widen the store's window between a conditional write's check and its write (in-process moto)
+        from moto.s3.models import S3Backend
+
+        put = S3Backend.put_object
+        monkeypatch.setattr(S3Backend, "put_object", lambda *a, **k: (time.sleep(0.05), put(*a, **k))[1])
     fs, root = filesystem(url)
     fs.makedirs(root, exist_ok=True)
     wins, barrier = [], threading.Barrier(8)
