@@ -812,6 +812,17 @@ _OTHER_TESTS_ALERTS = {"RayTwinConnectorDown", "RayTwinConnectorDeliveryFailing"
                        *(f"RayTwinApi{kind}BudgetBurn{speed}" for kind in ("Error", "Latency") for speed in ("Fast", "Slow"))}
 
 
+_SCRAPE_MISSED = {"RayTwinNodeExportDown", "RayTwinMetricsAbsent"}
+"""What one scrape that missed the fixture's 1 s timeout fires, with `for:` shortened to seconds (seen in a suite run on
+a loaded machine): allowed beside the alert under test only where Prometheus recorded a failed scrape (`up` 0)."""
+
+
+def _only_the_flood_alert(prom: httpx.Client, firing: set[str]) -> None:
+    assert firing - _SCRAPE_MISSED == {"RayTwinDeadLettersHigh"}
+    if missed := firing & _SCRAPE_MISSED:
+        assert _query(prom, 'min_over_time(up{job="ray"}[5m]) == 0'), f"{missed} fired with no scrape missed"
+
+
 def _alerts(prom: httpx.Client) -> dict[str, str]:
     """Active alerts but those other tests' leftovers raise: name -> state (pending or firing)."""
     return {a["labels"]["alertname"]: a["state"] for a in prom.get("/api/v1/alerts").json()["data"]["alerts"]
@@ -859,9 +870,9 @@ def test_prometheus_sees_raytwin_loads_the_rules_and_alerts_on_a_dead_letter_flo
 
     # the fault: a burst of events for twins that do not exist, the first this process refuses
     twins.ingest("ops", _events("ghost", 300, 1))
-    firing = _until(lambda: {n for n, s in _alerts(prometheus).items() if s == "firing"},
+    firing = _until(lambda: {n for n, s in _alerts(prometheus).items() if s == "firing"} - _SCRAPE_MISSED,
                     "an alert firing")
-    assert firing == {"RayTwinDeadLettersHigh"}
+    _only_the_flood_alert(prometheus, {n for n, s in _alerts(prometheus).items() if s == "firing"})
 
     # `raytwin status` agrees with Prometheus: the lag p95 over the same cumulative buckets, the alert
     def p95s() -> tuple[float | None, float | None]:
@@ -871,7 +882,7 @@ def test_prometheus_sees_raytwin_loads_the_rules_and_alerts_on_a_dead_letter_flo
     ours, reference = _until(lambda: (p := p95s())[0] is not None and p[0] == pytest.approx(p[1], rel=1e-9) and p,
                              "the same lag p95 in `raytwin status` and Prometheus")
     status = collect(scrape_nodes()[0], prometheus=str(prometheus.base_url))
-    assert set(status.alerts) - _OTHER_TESTS_ALERTS == {"RayTwinDeadLettersHigh"}
+    _only_the_flood_alert(prometheus, set(status.alerts) - _OTHER_TESTS_ALERTS)
     assert status.twins >= 3 and status.nodes == 1
     assert status.dead_letters["shard/unknown_twin"] >= 300 and status.events["accepted"] >= 200
     assert all(status.dead_letters.values()) and all(status.events.values())  # the zeros exported are left out
