@@ -1,7 +1,7 @@
 """Shared fixtures: one local S3-compatible server and one local Ray instance per test session; a real
-two-node Ray cluster and a Ray Serve instance shared by the modules that ask for them, which run back
-to back (`tests/shared_resources.py`). Every test, and every module's fixtures, must stop the RayTwin background
-threads they start (`_no_background_thread_left`)."""
+two-node Ray cluster, a Ray Serve instance and an application on it shared by the modules that ask for them, which
+run back to back (`tests/shared_resources.py`). Every test, and every module's fixtures, must stop the RayTwin
+background threads they start (`_no_background_thread_left`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from benchmarks.local_s3 import local_s3, new_bucket
 from cluster.local import LocalCluster, LocalClusterInfo
 from raytwin.ports import free_port
 from tests.fixtures_cluster import cluster_processes
+from tests.fixtures_serve import served_default
 from tests.shared_resources import SharedResource, close_unless_next_uses, group_users
 
 
@@ -148,6 +150,8 @@ def ray_session(s3_endpoint, ray_metrics_port):
         ray.init(num_cpus=2, include_dashboard=False, namespace="raytwin-tests", logging_level="WARNING",
                  _metrics_export_port=ray_metrics_port, _system_config={"metrics_report_interval_ms": 1000})
     yield ray
+    for resource in SHARED.values():  # what runs on this Ray (the last test's teardown ends the session's fixtures
+        resource.close()  # before `pytest_runtest_teardown` closes them)
     ray.shutdown()
 
 
@@ -204,7 +208,9 @@ def _serve_proxy() -> Iterator[str]:
         serve.shutdown()
 
 
-SHARED = {"local_cluster": SharedResource(_two_node_cluster), "serve_proxy": SharedResource(_serve_proxy)}
+SHARED = {"serve_default": SharedResource(served_default), "local_cluster": SharedResource(_two_node_cluster),
+          "serve_proxy": SharedResource(_serve_proxy)}
+"""Closed in this order: an application on Serve before Serve."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -236,3 +242,10 @@ def serve_proxy(ray_session) -> str:
     """Base URL of Ray Serve's HTTP proxy, shared with the modules before and after that use it: a module
     deploys its own application (`serve.run`, route prefix ``/``) and deletes it (`serve.delete`) at its end."""
     return SHARED["serve_proxy"].get()
+
+
+@pytest.fixture(scope="module")
+def serve_default(serve_proxy, tmp_path_factory) -> tuple[str, Path]:
+    """An application of the default limits (`tests.fixtures_serve.served_default`), shared with the modules before
+    and after that use it: each module's tenants are its own."""
+    return SHARED["serve_default"].get(serve_proxy, tmp_path_factory)

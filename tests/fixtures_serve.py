@@ -4,7 +4,7 @@ app in this process in front of a backend object (`in_process`: routes tested wi
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,28 @@ def deployed(config: dict[str, Any], name: str = "raytwin") -> Iterator[None]:
         yield
     finally:
         serve.delete(name)
+
+
+@contextmanager
+def served_default(proxy: str, tmp_path_factory: Any) -> Iterator[tuple[str, Path]]:
+    """An application of the default limits with one twin shard and one Ingress replica on the shared proxy:
+    (base URL, data root). Shared by tests/test_serve_lifecycle.py and tests/test_serve_recalibration.py (the
+    `serve_default` fixture of `tests/conftest.py`), each with tenants of its own (`tenant_keys`)."""
+    root = tmp_path_factory.mktemp("serve-default")
+    (root / "keys.json").write_text("[]")  # the modules add their keys; the app reads the file again when it changes
+    config = {"store_url": str(root / "store"), "keys_file": str(root / "keys.json"), "twin_shards": 1,
+              "namespace": "raytwin-default-tests", "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+    with deployed(config):
+        yield proxy, root
+
+
+def tenant_keys(root: Path, keys: Iterable[tuple[str, str, str, tuple[str, ...]]]) -> dict[str, str]:
+    """Keys (name, tenant, role, grants), each held by a person of its name, added to ``root/keys.json``: key by
+    name."""
+    from serve_apps.auth import create_key
+
+    return {name: create_key(root / "keys.json", tenant, role, grants, owner=name)[1]
+            for name, tenant, role, grants in keys}
 
 
 class InProcessHandle:

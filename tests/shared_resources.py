@@ -1,11 +1,11 @@
-"""Expensive test resources (a two-node Ray cluster, a Ray Serve instance) shared by the test modules
-that use them, one after another: started by the first test that asks, stopped as soon as the next
-test belongs to a module that does not use it (`tests/conftest.py`, which also runs the modules that
-use one back to back).
+"""Expensive test resources (a two-node Ray cluster, a Ray Serve instance, an application on it) shared by
+the test modules that use them, one after another: started by the first test that asks, stopped as soon
+as the next test belongs to a module that does not use it (`tests/conftest.py`, which also runs the
+modules that use one back to back).
 
 Why not a session fixture: pytest keeps those to the end of the session, where an idle cluster or
 Serve would cost every later test CPU on a 2-core machine; a module fixture starts one per module
-(a cluster 15-30 s, Serve 8-10 s of start and stop on that machine).
+(a cluster 15-30 s, Serve 8-10 s of start and stop on that machine, an application's deployment 15-30 s).
 """
 
 from __future__ import annotations
@@ -20,19 +20,19 @@ T = TypeVar("T")
 
 
 class SharedResource(Generic[T]):
-    """A context manager's value, entered on the first `get` and exited by `close`; `modules` are the
-    test modules that use it (set at collection)."""
+    """A context manager's value, entered on the first `get` (`start(*args)`, the first get's `args`) and exited by
+    `close`; `modules` are the test modules that use it (set at collection)."""
 
-    def __init__(self, start: Callable[[], AbstractContextManager[T]]):
+    def __init__(self, start: Callable[..., AbstractContextManager[T]]):
         self._start = start
         self._stack: ExitStack | None = None
         self._value: T | None = None
         self.modules: set[object] = set()
 
-    def get(self) -> T:
+    def get(self, *args: object) -> T:
         if self._stack is None:
             with ExitStack() as stack:
-                self._value = stack.enter_context(self._start())
+                self._value = stack.enter_context(self._start(*args))
                 self._stack = stack.pop_all()
         return self._value  # type: ignore[return-value]
 

@@ -9,9 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_apps.auth import create_key
 from tests.fixtures_connectors import wait_for
-from tests.fixtures_serve import deployed
+from tests.fixtures_serve import tenant_keys
 from tests.test_serve_api import THERMAL_TYPE, assert_error
 
 V1, V2 = THERMAL_TYPE["version"], "9.9.9"
@@ -32,14 +31,12 @@ class Api:
 
 
 @pytest.fixture(scope="module")
-def client(serve_proxy, tmp_path_factory):
-    """The API on the shared Serve proxy, one asset type in two versions (both registered as thermal_rc models)."""
-    root = tmp_path_factory.mktemp("serve-lifecycle")
-    keys_file = root / "keys.json"
-    keys = {name: create_key(keys_file, tenant, role, grants, owner=name)[1] for name, tenant, role, grants in KEYS}
-    config = {"store_url": str(root / "store"), "keys_file": str(keys_file), "twin_shards": 1,
-              "namespace": "raytwin-lifecycle-tests", "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
-    with deployed(config), httpx.Client(base_url=serve_proxy, timeout=120.0) as http:
+def client(serve_default):
+    """The API on the shared Serve proxy (shared with tests/test_serve_recalibration.py, whose tenants are others),
+    one asset type in two versions (both registered as thermal_rc models)."""
+    serve_proxy, root = serve_default
+    keys = tenant_keys(root, KEYS)
+    with httpx.Client(base_url=serve_proxy, timeout=120.0) as http:
         api = Api(http, keys, root / "store")
         for version in (V1, V2):
             r = http.post("/v1/asset-types", json={**THERMAL_TYPE, "version": version},

@@ -11,25 +11,22 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from serve_apps.auth import create_key
-from tests.fixtures_serve import deployed
+from tests.fixtures_serve import tenant_keys
 from tests.test_serve_api import THERMAL_TYPE, assert_error
 
-KEYS = (("admin", "acme", "admin"), ("writer", "acme", "writer"), ("reader", "acme", "reader"),
-        ("other", "globex", "admin"))
+KEYS = (("admin", "recalco", "admin", ()), ("writer", "recalco", "writer", ()), ("reader", "recalco", "reader", ()),
+        ("other", "recalgx", "admin", ()))
 T0 = datetime(2026, 2, 1, tzinfo=UTC)
 POLICY = {"free": ["R_io"], "noise_std": {"T_in": 0.05}, "window_s": 86400.0, "max_trials": 1,
           "max_concurrent_jobs": 1, "cooldown_s": 86400.0}  # settle_s: null, the day after the latch is fitted
 
 
 @pytest.fixture(scope="module")
-def api(serve_proxy, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-recalibration")
-    keys_file = root / "keys.json"
-    keys = {name: create_key(keys_file, tenant, role, owner=name)[1] for name, tenant, role in KEYS}
-    config = {"store_url": str(root / "store"), "keys_file": str(keys_file), "twin_shards": 1,
-              "namespace": "raytwin-recalibration-tests", "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
-    with deployed(config), httpx.Client(base_url=serve_proxy, timeout=120.0) as http:
+def api(serve_default):
+    """The API on the shared Serve proxy (shared with tests/test_serve_lifecycle.py, whose tenants are others)."""
+    serve_proxy, root = serve_default
+    keys = tenant_keys(root, KEYS)
+    with httpx.Client(base_url=serve_proxy, timeout=120.0) as http:
         http.headers_for = lambda name: {"Authorization": f"Bearer {keys[name]}"}  # type: ignore[attr-defined]
         r = http.post("/v1/asset-types", json=THERMAL_TYPE, headers=http.headers_for("admin"))
         assert r.status_code == 201, r.text
@@ -110,7 +107,7 @@ def test_a_drift_latch_starts_one_calibration_whose_candidate_is_near_the_truth(
     assert (job["asset_id"], job["candidate"]) == ("zone-1", "thermal_rc@1.0.1")
 
     truth = 0.5 * THERMAL_RC.param_vector()[THERMAL_RC.param_names.index("R_io")]
-    candidate = ModelRegistry(str(store / "registry" / "acme")).get("thermal_rc@1.0.1")
+    candidate = ModelRegistry(str(store / "registry" / "recalco")).get("thermal_rc@1.0.1")
     assert candidate.parameters["R_io"] == pytest.approx(truth, rel=0.03)
     (setter,) = {a["key_id"] for a in http.get("/v1/audit", headers=http.headers_for("admin")).json()
                  if a["action"] == "recalibration_policy.update"}
