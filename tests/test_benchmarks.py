@@ -181,7 +181,7 @@ def test_bench_cli_quick_end_to_end(ray_session, tmp_path):
     sweep = record["benchmarks"]["sweep"]
     assert "error" not in sweep
     # every implementation agreed with float64 NumPy before anything was timed
-    assert {"scipy_loop", "numpy_f32@64", "in_process@256", "ray_all@256", "ray_1@64"} <= set(sweep["checks"])
+    assert {"scipy_loop", "numpy_f32@64", "in_process@64", "ray_all@64", "ray_1@64"} <= set(sweep["checks"])
     for check in sweep["checks"].values():
         assert check["max_error"]["T_in_max"] <= check["tolerance"]["kelvin"]
     for fig in sweep["figures"]:
@@ -202,10 +202,15 @@ def test_bench_cli_quick_end_to_end(ray_session, tmp_path):
     assert checked["figures"][2]["baseline"] == "the whole ModelRegistry.register call"
 
 
+QUICK_RUN = BenchContext(quick=True, repeat=1, warmup=0)
+"""What `raytwin bench run --quick` runs with: tiny sizes, one timed run, no warm-up run (each path's checks run on
+its one run all the same)."""
+
+
 def test_gpu_sweep_path_checks_and_reports_on_any_device(ray_session):
     """`sweep-gpu`'s code (the path the H100 figures came from) on the CPU device at tiny sizes, the
     fused kernel as on a GPU (interpret mode) and checked against the XLA path."""
-    res = sweep_gpu.accelerator_sweep(BenchContext(quick=True, repeat=1), jax.devices("cpu")[0], "pallas").as_dict()
+    res = sweep_gpu.accelerator_sweep(QUICK_RUN, jax.devices("cpu")[0], "pallas").as_dict()
     # all agreed with float64 NumPy, and the fused kernel with the XLA path
     assert set(res["checks"]) == {"in_process@512", "ray@512", "ray@512 (2 tasks in flight)", "in_process@512 vs xla"}
     names = [f["name"] for f in res["figures"]]
@@ -219,7 +224,7 @@ def test_gpu_sweep_path_checks_and_reports_on_any_device(ray_session):
 def test_lorenz_ensemble_gpu_path_checks_and_reports_on_any_device():
     """`lorenz-ensemble` as a GPU runs it (fused kernel included, interpret mode here) at N=8: every
     path checked before timing, the published figures reported as quoted baselines."""
-    res = lorenz_ensemble.on_device(BenchContext(quick=True, repeat=1), jax.devices("cpu")[0],
+    res = lorenz_ensemble.on_device(QUICK_RUN, jax.devices("cpu")[0],
                                     with_fused=True).as_dict()
     assert set(res["checks"]) == {"xla@8 vs float64 DOP853", "fused@8 vs xla", "diffrax@8 vs xla", "diffrax@8 steps"}
     assert res["checks"]["diffrax@8 steps"] == [lorenz_ensemble.STEPS]  # the same 1,000 steps as ours
@@ -232,7 +237,7 @@ def test_lorenz_ensemble_gpu_path_checks_and_reports_on_any_device():
 def test_fused_tuning_checks_every_shape_against_the_xla_path():
     """`fused-tuning` as a GPU runs it, on the CPU device (interpret mode) at tiny sizes: each shape's
     results are checked before it is timed, and each shape is reported for both problems."""
-    res = fused_tuning.shapes_on(BenchContext(quick=True, repeat=1), jax.devices("cpu")[0]).as_dict()
+    res = fused_tuning.shapes_on(QUICK_RUN, jax.devices("cpu")[0]).as_dict()
     shapes = fused_tuning.QUICK.shapes
     assert set(res["checks"]) == {f"{p} N=64 ({b}, {w}) vs xla" for p in ("Lorenz/Tsit5", "thermal RK4")
                                   for b, w in shapes}
@@ -242,7 +247,7 @@ def test_fused_tuning_checks_every_shape_against_the_xla_path():
 
 def test_gpu_sweep_without_a_gpu_measures_nothing_and_says_why(monkeypatch):
     monkeypatch.setattr(sweep_gpu, "gpu_devices", lambda: [])
-    res = sweep_gpu.sweep_gpu(BenchContext(quick=True, repeat=1))
+    res = sweep_gpu.sweep_gpu(QUICK_RUN)
     assert not res.figures and res.notes[0].startswith("not run: JAX sees no GPU")
 
 
