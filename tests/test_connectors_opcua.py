@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -597,6 +599,13 @@ def test_a_refused_session_or_connection_says_how_to_fix_it():
 def test_a_value_without_source_timestamp_is_dead_lettered():
     no_time = to_row("plc", NODE, ua.DataValue(ua.Variant(1.0, ua.VariantType.Double)))
     assert "no source timestamp" in no_time.reason and no_time.idempotency_key == NODE.node_id
+
+
+def test_the_dev_server_starts_without_importing_the_connector():
+    """The dev server's process (`python -m connectors.opcua.devserver`) imported the connector through its package,
+    and with it Ray and Arrow: seconds more at each start of a server, which these tests restart often."""
+    probe = "import sys, connectors.opcua.devserver; print(sorted({'ray', 'pyarrow'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 
 def test_the_readme_declaration_is_valid(tmp_path):
