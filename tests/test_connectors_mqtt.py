@@ -16,7 +16,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -198,6 +198,7 @@ def test_connector_killed_mid_stream_recovers_exactly_once_mqtt311(twins, connec
     device.close()
     assert Connectors(twins.router, twins.assets).start_declared() >= 1
     wait_for(lambda: twins.state("acme", "pump-5").revision == 340, "what was published meanwhile applied")
+    connectors.delete("acme", "line")  # (left running, every later start of the stored connectors restarts it too)
 
 
 def _alive(tenant: str, name: str, twins) -> bool:
@@ -1858,14 +1859,16 @@ def web_spec(port: int) -> dict:
 
 
 @pytest.fixture
-def web(api, broker) -> str:
-    """"web" declared through the API and connected, whichever tests ran before (declaring it again replaces it)."""
+def web(api, broker) -> Iterator[str]:
+    """"web" declared through the API and connected, whichever tests ran before (declaring it again replaces it);
+    deleted after the test (left running, every later start of the stored connectors restarts it too)."""
     client, auth, _, _ = api
     declared = client.post("/v1/connectors", json={"spec": web_spec(broker.port)}, headers=auth["admin"])
     assert declared.status_code == 201, declared.text
     wait_for(lambda: client.get("/v1/connectors/web", headers=auth["reader"]).json()["status"]["connected"],
              "connected")
-    return "web"
+    yield "web"
+    assert client.delete("/v1/connectors/web", headers=auth["admin"]).status_code == 204
 
 
 def test_http_connectors_keep_credentials_write_only_and_tenants_apart(api, broker, twins, ray_metrics_port):
@@ -1903,6 +1906,7 @@ def test_http_connectors_keep_credentials_write_only_and_tenants_apart(api, brok
     exported = wait_until(ray_metrics_port, lambda m: total(m, "ray_raytwin_connector_connected", connector="acme/web")
                           == 1.0, "the connector's connected gauge")
     assert not any(secret in str(labels) for samples in exported.values() for labels, _ in samples)
+    assert client.delete("/v1/connectors/web", headers=auth["admin"]).status_code == 204
 
 
 
