@@ -719,12 +719,12 @@ def test_a_restarted_connector_without_backfill_reports_the_gap(connectors, lane
     assert status.connected and "set backfill_s" in status.last_error
 
     ray.kill(handle, no_restart=True)  # gone for good, then started again from its declaration
-    time.sleep(2.0)
+    time.sleep(1.0)
     connectors.status("acme", "plc-latest")
     wait_for(lambda: "after a restart" in (connectors.status("acme", "plc-latest").last_error or ""),
              "the connector started again from its declaration reports the gap")
     error = connectors.status("acme", "plc-latest").last_error
-    assert float(error.split("last seen ")[1].split(" s ")[0]) >= 2.0, error
+    assert float(error.split("last seen ")[1].split(" s ")[0]) >= 1.0, error
     connectors.delete("acme", "plc-latest")
     assert "plc-latest" not in connectors.names("acme")  # nothing written after the deletion
 
