@@ -33,6 +33,14 @@ def wait_for(condition, what: str):
     raise AssertionError(f"not within {WAIT_S:g} s: {what}")
 
 
+def retrying_at_once(adapter):
+    """`adapter` (an MQTT one, run in the test's process) with its paho client trying again 0.1 s after a failed
+    attempt, not after the spec's `reconnect_min_s` (1 s at least, then doubling): a test that waits for the next
+    attempt waits for nothing else."""
+    adapter.client.reconnect_delay_set(0.1, 0.1)
+    return adapter
+
+
 @contextmanager
 def tank_twins(tmp_path_factory, assets: dict[str, list[str]]) -> Iterator[TwinService]:
     """A one-shard service with a two-tank twin per asset id, by tenant (needs a running Ray)."""

@@ -26,7 +26,7 @@ from connectors.opcua.session import _Client as OpcUaClient
 from connectors.reach import Reach, Unreachable, open_connection, parse_entry
 from connectors.spec import Credentials
 from raytwin.ports import free_port
-from tests.fixtures_connectors import certificate_for, own_address, wait_for
+from tests.fixtures_connectors import certificate_for, own_address, retrying_at_once, wait_for
 from tests.fixtures_serve import NODE_BROKERS
 from tests.test_connectors_opcua import until
 
@@ -241,8 +241,8 @@ def test_by_default_a_connector_never_reaches_the_broker_on_the_node(monkeypatch
     """What the outside tester found: a tenant's connector to a broker listening on the node's loopback. Without
     a list, attempt after attempt is refused before a socket opens: it reports no port as open or closed."""
     asked = answer(monkeypatch, "127.0.0.1")
-    adapter = MQTT.adapter(mqtt_spec(broker.port), Credentials(), lambda inbound: None, lambda *ack: None,
-                           reach=Reach(None))
+    adapter = retrying_at_once(MQTT.adapter(mqtt_spec(broker.port), Credentials(), lambda inbound: None,
+                                            lambda *ack: None, reach=Reach(None)))
     adapter.start()
     try:
         wait_for(lambda: len(asked) >= 2, "a second connection attempt")
@@ -346,7 +346,8 @@ def test_a_connector_is_refused_its_nodes_address_at_every_attempt_testing_it_on
     monkeypatch.setattr(ray_nodes, "_binds", lambda address: tested.append(address) or binds(address))
     monkeypatch.setattr(ray_nodes, "_nonlocal_bind", lambda version: False)
     asked = answer(monkeypatch, own)
-    adapter = MQTT.adapter(mqtt_spec(port), Credentials(), lambda inbound: None, lambda *ack: None, reach=Reach(None))
+    adapter = retrying_at_once(MQTT.adapter(mqtt_spec(port), Credentials(), lambda inbound: None, lambda *ack: None,
+                                            reach=Reach(None)))
     adapter.start()
     try:
         wait_for(lambda: len(asked) >= 2, "a second connection attempt")

@@ -38,7 +38,7 @@ from connectors.runtime import actor_name
 from connectors.spec import Credentials, Desired, UnknownConnector
 from raytwin.contracts import TelemetryEvent
 from raytwin.ports import free_port
-from tests.fixtures_connectors import WAIT_S, certificate_for, own_address, tank_twins, wait_for
+from tests.fixtures_connectors import WAIT_S, certificate_for, own_address, retrying_at_once, tank_twins, wait_for
 from tests.fixtures_serve import NODE_BROKERS, InProcessHandle
 from tests.ray_metrics import scrape, total, wait_until
 
@@ -426,7 +426,7 @@ def test_the_last_error_says_when_and_is_cleared_once_connected_again(tmp_path):
 
     port = free_port()
     spec = MqttSpec.model_validate(plant_spec(port, name="late", ack_topic=None))
-    adapter = MQTT.adapter(spec, Credentials(), lambda inbound: None, lambda *ack: None)
+    adapter = retrying_at_once(MQTT.adapter(spec, Credentials(), lambda inbound: None, lambda *ack: None))
     before = datetime.now(UTC)
     adapter.start()
     late = Mosquitto(tmp_path, port)
