@@ -5,7 +5,8 @@
 2. Global search with Ray Tune over log-uniform ranges around the prior (``prior / width`` to
    ``prior * width``, clipped to the parameter bounds): random or grid search (built in), or
    Optuna / HyperOpt when installed; trials are cut early by ASHA or HyperBand, whose
-   "iterations" are growing windows of the data (a bad fit is already bad on the first quarter).
+   "iterations" are growing windows of the data (a bad fit is already bad on the first quarter); a trial
+   simulates the whole data once and reports each window's loss from its first rows (`window_losses`).
 3. Refinement: Levenberg-Marquardt-type least squares (scipy ``trf``) on the log-parameters with
    the exact residual Jacobian from ``jax.jacfwd`` through the simulator.
 4. Uncertainty (``uncertainty``): by default the prediction-error method (`sweeps.pem`): the fit is
@@ -277,9 +278,13 @@ class Problem:
         return np.asarray(_predict(self.model, self.x0, self.params(theta_log), self.u, self.dt, self.n_sub))
 
     def loss(self, theta_log: np.ndarray, n: int) -> float:
-        r = self.residuals(theta_log, n)
-        value = float(np.sqrt(np.mean(r * r)))
-        return value if np.isfinite(value) else BAD_LOSS
+        return _rms(self.residuals(theta_log, n) ** 2)
+
+
+def _rms(squares: np.ndarray) -> float:
+    """The weighted RMSE from the squared residuals; NaN/inf (a simulation that blew up) scores `BAD_LOSS`."""
+    value = float(np.sqrt(np.mean(squares)))
+    return value if np.isfinite(value) else BAD_LOSS
 
 
 def _params(base, free_index: tuple[int, ...], theta_log):
@@ -459,8 +464,15 @@ def _trial(config: dict[str, float], problem: Problem, windows: list[int]) -> No
     yield_to_live(dedicated=True)  # a trial's actor runs trials alone: the twin shards beside it go first
     use_cpu_backend()  # a 1-CPU trial: on a GPU node, not a CUDA backend grabbing the GPU
     theta = np.log([config[name] for name in problem.free_names])
-    for n in windows:
-        tune.report({"loss": problem.loss(theta, n), "window": n})
+    for n, loss in zip(windows, window_losses(problem, theta, windows)):
+        tune.report({"loss": loss, "window": n})
+
+
+def window_losses(problem: Problem, theta_log: np.ndarray, windows: list[int]) -> list[float]:
+    """`Problem.loss` of each window, from one simulation of the whole data: the simulation is causal, so a
+    window's residuals are the whole run's first rows. One compile per trial process, not one per window length."""
+    squares = problem.residuals(theta_log, problem.n).reshape(problem.n, -1) ** 2
+    return [_rms(squares[:n].ravel()) for n in windows]
 
 
 def _bounds(problem: Problem) -> tuple[np.ndarray, np.ndarray]:

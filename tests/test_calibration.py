@@ -174,6 +174,23 @@ def test_samples_further_apart_than_the_models_step_are_integrated_in_sub_steps(
     assert problem.n_sub == 10  # 2 ms steps, as the prediction-error fit takes
 
 
+def test_a_trials_window_losses_are_each_windows_own_from_one_compile():
+    """Tune's trials score growing windows of the data (ASHA's iterations): each window's loss is the one its own
+    run gives, taken from one simulation of the whole data (causal), so a trial compiles the simulator once, not
+    once per window length."""
+    from sweeps.calibration import _residuals, window_losses
+
+    case = CASES["two_tank"]
+    table = synthetic_telemetry("two_tank", case["true"], case["x0"], 91, 1.0, case["noise"], 1)
+    problem = build_problem(_spec("two_tank", "tank.parquet"), table, {}, "two_tank")
+    theta = np.log(problem.base_params[problem.free_index]) + 0.1
+    windows = problem.windows(3)
+    compiled = _residuals._cache_size()
+    losses = window_losses(problem, theta, windows)
+    assert _residuals._cache_size() == compiled + 1
+    assert losses == [problem.loss(theta, n) for n in windows] and len(set(losses)) == 3
+
+
 def test_telemetry_that_is_missing_or_not_parquet_is_a_calibration_error(tmp_path):
     """Bad data is the user's to fix (`CalibrationError`); the store failing the read is no such thing
     (`tests/test_store_outages_typed.py`: a `StoreIOError`, a 503)."""
