@@ -84,6 +84,11 @@ NOT_RUN: dict[tuple[str, str], str] = {  # (guide, first line of the block) -> w
      "commands, a second two-node cluster here would cost a minute of CI: `cluster up --local`/`down` in "
      "tests/test_cluster_local_cli.py, `job submit --working-dir . -- raytwin sweep run ...` to its end with "
      "`job status` and `job logs` in tests/test_cluster_sweep.py, `job logs --follow` in tests/test_cluster_local.py",
+    ("cluster/README.md", "from cluster.jobs import JobClient"): "each call runs on a cluster of its own elsewhere, a "
+     "third one here would cost CI 10-20 s: the shared two-node cluster of the cluster tests is this very "
+     "`with LocalCluster(num_workers=1, cpus_per_node=1)` (tests/conftest.py), whose jobs tests/test_cluster_local.py "
+     "lists with `raytwin job list` (`JobClient.list`), as tests/test_cluster_local_cli.py does on the head node "
+     "`cluster up --local --workers 0` starts",
     ("sweeps/README.md", "raytwin recommend ask pump-1 request.json            # from the twin's live state; prints "
      "the recommendation's id"): "needs a running API, a connector and a second key: "
      "tests/test_serve_recommend.py runs these commands against the in-process app over HTTP",
