@@ -267,7 +267,8 @@ def test_a_calibration_given_a_relative_path_reruns_from_anywhere_and_a_lost_inp
         ray_session, tmp_path, monkeypatch):
     """The record kept `zone-17.parquet` as given: `raytwin rerun` from another directory failed with a 69-line
     traceback. And a fit published with `register_as` says so: the command printed nothing of the version it
-    registered."""
+    registered. (The fit itself is the cheapest the spec allows, one window, one trial and the least-squares
+    uncertainty: what is checked is where its paths and its registration go.)"""
     import pyarrow.parquet as pq
 
     from raytwin.registry import ModelRegistry
@@ -279,6 +280,7 @@ def test_a_calibration_given_a_relative_path_reruns_from_anywhere_and_a_lost_inp
                                        {"h1": 1e-3, "h2": 1e-3}, seed=1), work / "tank.parquet")
     registry = str(tmp_path / "registry")
     (work / "calib.yaml").write_text(json.dumps({"model": "two_tank", "telemetry": "tank.parquet", "num_samples": 1,
+                                                 "windows": 1, "scheduler": "fifo", "uncertainty": "least_squares",
                                                  "start_state": {"h1": 0.3, "h2": 0.3}, "free": ["a1"],
                                                  "registry_url": registry, "register_as": "tank-fit@1.0.0",
                                                  "registered_by": "key-fitter"}))
