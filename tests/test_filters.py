@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from scipy.stats import chi2
 
-from actors import TwinService
 from actors.recovery import registration_record
+from actors.shard import TwinShard
+from actors.telemetry import validated_table
 from actors.twin import Twin, logged_event, replay
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.estimation import LANES, ExtendedKalmanFilter, Run, assimilate_runs
@@ -228,7 +229,7 @@ def test_a_ukf_two_tank_twin_predicts_a_silence_as_its_model_does_and_flags_the_
     assert abs(trace.x[1, 0] - 0.45) > 0.4 and np.abs(trace.x[-1] - [0.45, 0.35]).max() < 0.01
 
 
-# ------------------------------------------------------------------- through the twin service ----
+# ------------------------------------------------------------------------- through a twin shard ----
 T0 = datetime(2026, 2, 1, tzinfo=UTC)
 OPTS = {"allowed_lateness_s": 300.0, "checkpoint_every": 4}
 
@@ -246,8 +247,11 @@ def _events(asset_id: str, n: int) -> list[TelemetryEvent]:
             for k in range(n)]
 
 
-def test_twin_chooses_its_filter_by_asset_metadata_and_keeps_it_across_a_restart(ray_session, tmp_path):
-    """Shards run JAX on the CPU: the in-process references do too, to compare bit for bit."""
+def test_twin_chooses_its_filter_by_asset_metadata_and_keeps_it_across_a_restart(tmp_path):
+    """The twin's shard (what `TwinService.register` hands the registration record to) runs in this process, and a
+    restart is a new shard recovering from the store: the choice is the record's and recovery's, not Ray's (a
+    service's shard actors: tests/test_twins.py), and a shard actor's process compiled the UKF's kernels again
+    (~1 min of the module's). Shards run JAX on the CPU: the in-process references do too, to compare bit for bit."""
     with jax.default_device(jax.devices("cpu")[0]):
         _twin_chooses_its_filter(tmp_path)
 
@@ -259,18 +263,12 @@ def _twin_chooses_its_filter(tmp_path) -> None:
         registration_record(_cell("bad", filter="particle"), artifact, None, None)
 
     evs = _events("u1", 40)
-    svc = TwinService(str(tmp_path / "store"), shards=1, snapshot_every=8, **OPTS)
-    try:
-        svc.register(_cell("u1", filter="ukf"), artifact)
-        svc.ingest("acme", evs)
-        live = svc.state("acme", "u1")
-    finally:
-        svc.close()
-    svc = TwinService(str(tmp_path / "store"), shards=1, snapshot_every=8, **OPTS)  # recovers from the store
-    try:
-        recovered = svc.state("acme", "u1")
-    finally:
-        svc.close()
+    shard = TwinShard(str(tmp_path / "store"), 0, 1, snapshot_every=8, **OPTS)
+    shard.register("acme", "u1", registration_record(_cell("u1", filter="ukf"), artifact, None, None))
+    report = shard.ingest("acme", validated_table(evs))
+    assert report.accepted == 40, report.reasons
+    live = shard.state("acme", "u1")
+    recovered = TwinShard(str(tmp_path / "store"), 0, 1, snapshot_every=8, **OPTS).state("acme", "u1")  # a restart
     logged = sorted((logged_event(e, artifact.asset_type) for e in evs), key=lambda e: e.key)
     ukf, ekf = (replay(Twin("acme", "u1", artifact, filter_kind=kind, **OPTS), logged).view()
                 for kind in ("ukf", "ekf"))
