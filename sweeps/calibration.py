@@ -46,7 +46,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
-from scipy.optimize import least_squares
 
 from raytwin.contracts import Contract, Finite, Identifier, Spec
 from raytwin.cpu_priority import yield_to_live
@@ -538,7 +537,7 @@ def tune_search(spec: CalibrationSpec, problem: Problem) -> tuple[dict[str, floa
     from ray import tune
 
     from sweeps.runner import ensure_ray
-    from sweeps.tune_groups import trial_resources
+    from sweeps.tune_resources import trial_resources
 
     ensure_ray()
     space, search_alg, num_samples = _search(spec, problem)
@@ -583,6 +582,8 @@ def refine(problem: Problem, theta0_log: np.ndarray) -> tuple[np.ndarray, int]:
     if not np.all(np.isfinite(problem.residuals(start, n))):  # scipy said only "not finite in the initial point"
         raise NoFiniteLoss(f"calibration of {problem.simulator}: the refinement's start ({_named(problem, start)}) "
                            f"gives NaN/inf outputs; {CHECK_DOMAIN}")
+    from scipy.optimize import least_squares  # here: the API processes that import this module never refine
+
     fit = least_squares(
         lambda th: problem.residuals(th, n),
         start,

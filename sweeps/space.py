@@ -16,7 +16,6 @@ from typing import Annotated, Literal
 import jax
 import numpy as np
 from pydantic import Field, model_validator
-from scipy.stats import qmc
 
 from raytwin.contracts import Contract, Finite
 from raytwin.sim.precision import in_float64
@@ -126,6 +125,8 @@ class ScenarioSpace(Contract):
 
     @cached_property
     def _lhs_design(self) -> np.ndarray:
+        from scipy.stats import qmc  # here, not at import: scipy.stats is ~0.5 s of every API process's start
+
         return qmc.LatinHypercube(d=len(self.dimensions), rng=np.random.default_rng(self.seed)).random(self.size)
 
     @property

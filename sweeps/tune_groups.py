@@ -8,20 +8,21 @@ killed attempt. A search run under `owned_by(owner)` names each of its placement
 known to be over (failed, killed, or about to be launched again): exactly that owner's, never those of an owner
 whose name merely starts with it (identifiers may hold ":", so tenant ``acme:recal-acme-1``'s groups began with
 tenant ``acme``'s job ``recal-acme-1`` prefix, and that job's cleanup removed another tenant's running search's).
+
+The named groups themselves are `sweeps.tune_resources`' (which imports Ray Tune, ~0.5 s: not a cost of the API's
+processes, which only remove groups).
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
 import ray
-from ray.tune import PlacementGroupFactory
-from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
 log = logging.getLogger("raytwin.calibration")
 
@@ -39,22 +40,9 @@ def owned_by(owner: str) -> Iterator[None]:
         _OWNER.reset(token)
 
 
-class NamedGroups(PlacementGroupFactory):
-    """A trial's resources (one bundle) whose placement groups are named ``{PREFIX}{owner}:{unique}``
-    (names are unique in a namespace, and Tune may hold several groups of one request at once)."""
-
-    def __init__(self, bundle: dict[str, float], owner: str):
-        super().__init__([bundle])
-        self.owner = owner
-
-    def to_placement_group(self) -> PlacementGroup:
-        return placement_group(*self._bound.args, **{**self._bound.kwargs,
-                                                     "name": f"{PREFIX}{self.owner}:{uuid.uuid4().hex}"})
-
-
-def trial_resources(cpus: float) -> NamedGroups:
-    """A trial's resources, its groups named after the current owner (`owned_by`), else after this search alone."""
-    return NamedGroups({"CPU": cpus}, _OWNER.get() or f"search-{uuid.uuid4().hex}")
+def current_owner() -> str | None:
+    """The owner of the searches started here (`owned_by`), None outside one."""
+    return _OWNER.get()
 
 
 def remove_groups(owner: str) -> int:

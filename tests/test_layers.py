@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from importlib.metadata import EntryPoint
 from pathlib import Path
 from types import SimpleNamespace
@@ -94,3 +97,14 @@ def test_lazy_exports_refuse_a_name_from_two_modules():
 
     with pytest.raises(ValueError, match="pkg: Kit is exported by both a.kits and b.kits"):
         lazy_exports("pkg", {"a.kits": ("Kit",), "b.kits": ("Kit",)})
+
+
+def test_the_api_shard_and_connector_processes_start_without_scipy_or_ray_tune():
+    """Every Serve replica, twin shard and connector process imports these modules at its start: scipy (~0.8 s) and
+    Ray Tune (~0.5 s) are imported where a fit or a search runs, not by them (a Serve replica imported both)."""
+    probe = ("import sys, serve_apps.app, actors.service, connectors.runtime; "
+             "print(sorted(m for m in ('scipy', 'ray.tune') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

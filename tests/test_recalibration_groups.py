@@ -9,7 +9,8 @@ from concurrent.futures import Future
 import pytest
 
 from sweeps.recalibration import tune_owner
-from sweeps.tune_groups import PREFIX, NamedGroups, owned_by, remove_groups, trial_resources
+from sweeps.tune_groups import PREFIX, owned_by, remove_groups
+from sweeps.tune_resources import NamedGroups, trial_resources
 from tests.test_recalibration import World
 
 

@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
-from scipy.integrate import solve_ivp
 
 from raytwin.sim.model import Model
 from raytwin.sim.precision import in_float64
@@ -47,6 +46,8 @@ def reference_trajectory(
     changes = np.flatnonzero(np.any(np.diff(inputs, axis=0) != 0.0, axis=1)) + 1
     starts = np.concatenate([[0], changes])
     ends = np.concatenate([changes, [n_steps]])
+    from scipy.integrate import solve_ivp  # here: a reference for checks, not a cost of importing the simulators
+
     for a, b in zip(starts, ends):
         u = inputs[a]
         t_eval = dt * np.arange(a + 1, b + 1)
