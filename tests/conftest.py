@@ -6,8 +6,6 @@ background threads they start (`_no_background_thread_left`)."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,33 +20,6 @@ from raytwin.ports import free_port
 from tests.fixtures_cluster import cluster_processes
 from tests.fixtures_serve import served_default
 from tests.shared_resources import SharedResource, close_unless_next_uses, group_users
-
-
-def pytest_configure() -> None:
-    """One XLA compilation cache for every process of the session: this one, Ray's workers (twin shards, Tune
-    trials, sweep tasks) and the CLI and guide subprocesses. A filter kernel costs 5-10 s of CPU to compile on the
-    2-core CI machine, and the same kernels are compiled by many processes; a process finding one in the cache
-    loads it instead. Empty at each session's start, so nothing of an earlier run is measured, and the user's own
-    cache (``~/.cache/raytwin``, where twin shards keep theirs by default) is left alone. A test setting its own
-    cache directory (through the environment it gives a process) still gets that one."""
-    import jax
-
-    from actors.failover import CACHE_DIR_ENV
-
-    directory = tempfile.mkdtemp(prefix="raytwin-tests-xla-")
-    _SESSION_DIRS.append(directory)
-    os.environ.update({CACHE_DIR_ENV: directory, "JAX_COMPILATION_CACHE_DIR": directory,
-                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
-    jax.config.update("jax_compilation_cache_dir", directory)  # read from the environment when JAX was imported
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
-def pytest_unconfigure() -> None:
-    for directory in _SESSION_DIRS:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-_SESSION_DIRS: list[str] = []
 
 
 class WriterKilled(BaseException):
