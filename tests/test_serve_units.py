@@ -2678,15 +2678,8 @@ def test_a_shard_that_leaves_the_shadow_round_unanswered_is_one_line_saying_it_i
         def shadows_running(self, timeout_s):
             raise GetTimeoutError("Get timed out: some object(s) not ready.")
 
-    class Rounds:  # `_watch_stop`: two rounds, then closed
-        left = 2
-
-        def wait(self, timeout: float) -> bool:
-            self.left -= 1
-            return self.left < 0
-
     backend = Backend.__new__(Backend)
-    backend.check_writable, backend._watch_stop = lambda: None, Rounds()
+    backend.check_writable, backend._watch_stop = lambda: None, _Passes(2)  # two rounds, then closed
     backend.twins, backend.config = SimpleNamespace(models=Busy()), SimpleNamespace(shard_read_timeout_s=0.5)
     backend.audit, backend._concluded = None, set()
     with caplog.at_level("WARNING", logger="raytwin.serve"):
