@@ -80,7 +80,7 @@ def test_mounts_groups_and_functions_and_refuses_anything_else():
         mount_commands(app, [EntryPoint("bad", "raytwin.commands:GROUP", GROUP)])
 
 
-@pytest.mark.parametrize("package", ["raytwin.sim", "sweeps", "actors"])
+@pytest.mark.parametrize("package", ["raytwin.sim", "sweeps", "actors", "connectors.opcua"])
 def test_lazy_exports_resolve_every_name_they_list(package):
     import importlib
 
