@@ -53,7 +53,7 @@ def run(
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        record = run_benchmarks(names, BenchContext(quick=quick, repeat=repeat, warmup=0 if quick else 1))
+        record = run_benchmarks(names, BenchContext.for_run(quick=quick, repeat=repeat))
     except KeyError as exc:
         raise typer.BadParameter(str(exc.args[0]), param_hint="NAMES") from None
     path = write_json(record, out or default_output_path())

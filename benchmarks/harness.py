@@ -152,6 +152,12 @@ class BenchContext:
     repeat: int = 5
     warmup: int = 1
 
+    @classmethod
+    def for_run(cls, *, quick: bool, repeat: int) -> BenchContext:
+        """What `raytwin bench run` measures with: a quick run has no warm-up run (each path's checks still run on its
+        one run), a full one warms up once."""
+        return cls(quick=quick, repeat=repeat, warmup=0 if quick else 1)
+
     def measure(self, label: str, fn: Callable[[], Any], *, warmup: int | None = None,
                 repeat: int | None = None) -> tuple[Timing, Any]:
         """Time `fn` (which must block until its work is done); returns the timing and the last result."""

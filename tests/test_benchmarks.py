@@ -202,9 +202,8 @@ def test_bench_cli_quick_end_to_end(ray_session, tmp_path):
     assert checked["figures"][2]["baseline"] == "the whole ModelRegistry.register call"
 
 
-QUICK_RUN = BenchContext(quick=True, repeat=1, warmup=0)
-"""What `raytwin bench run --quick` runs with: tiny sizes, one timed run, no warm-up run (each path's checks run on
-its one run all the same)."""
+QUICK_RUN = BenchContext.for_run(quick=True, repeat=1)
+"""What `raytwin bench run --quick` runs with: tiny sizes, one timed run, no warm-up run."""
 
 
 def test_gpu_sweep_path_checks_and_reports_on_any_device(ray_session):
