@@ -26,6 +26,11 @@ CACHE_DIR_ENV = "RAYTWIN_JAX_CACHE_DIR"
 EXECUTABLES_SUBDIR = "raytwin-executables"
 """The serialized filter kernels' folder in that directory (JAX's cache only touches its own files)."""
 
+JAX_SUBDIR = "xla-1-cpu"
+"""JAX's own cache folder in that directory: executables made by one-CPU backends, as shards start theirs
+(`raytwin.sim.cpu.backend_cpu_count`). JAX's cache key does not hold that size: a folder shared with processes of
+default-sized backends would hand shards executables that split every loop across threads."""
+
 
 def compilation_cache_dir() -> str | None:
     """The persistent compilation cache directory of shard processes, None when switched off."""
@@ -40,7 +45,8 @@ def compilation_cache(options: dict[str, Any]) -> dict[str, Any]:
 
     Set through the actor's runtime environment, so only the shard processes use the cache (a
     library importer's global JAX settings are left alone). Every kernel is cached, however fast it
-    compiled: a restarted shard otherwise recompiled each of them (~70 % of its restart). The filter
+    compiled: a restarted shard otherwise recompiled each of them (~70 % of its restart); JAX's files go in
+    `JAX_SUBDIR`, apart from those of processes whose backend is not sized for one CPU. The filter
     kernels are also kept serialized (`raytwin.executables`; in `EXECUTABLES_SUBDIR`, or where
     ``RAYTWIN_EXECUTABLES_DIR`` says, empty: not kept): loading them skips the tracing and lowering
     that finding them in JAX's cache still costs."""
@@ -49,7 +55,8 @@ def compilation_cache(options: dict[str, Any]) -> dict[str, Any]:
         return options
     runtime_env = dict(options.get("runtime_env") or {})
     executables = os.environ.get(DIR_ENV, str(Path(directory) / EXECUTABLES_SUBDIR))
-    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "JAX_COMPILATION_CACHE_DIR": directory,
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}),
+                               "JAX_COMPILATION_CACHE_DIR": str(Path(directory) / JAX_SUBDIR),
                                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", DIR_ENV: executables}
     return {**options, "runtime_env": runtime_env}
 

@@ -10,8 +10,8 @@ Skipping the trace means nothing checks that the code is still the code that was
 entry is used only under the same key: the kernel's identity (`kernel_identity`: which filter, the
 model's code identity from `raytwin.modelcode` and the model object's value), RayTwin's own source,
 the installed distributions and their versions, the JAX and jaxlib versions, the backend and its
-devices, ``XLA_FLAGS``, and per call the static arguments and the argument shapes and dtypes. A model
-whose traced code depends on anything else (a file it reads, an environment variable, local code
+devices, ``XLA_FLAGS``, the CPU count the backend splits loops for (`raytwin.sim.cpu.backend_cpu_count`),
+and per call the static arguments and the argument shapes and dtypes. A model whose traced code depends on anything else (a file it reads, an environment variable, local code
 outside its own package and outside any installed distribution) must not use the store: leave
 `DIR_ENV` unset for its processes. Entries hold native code, like JAX's cache: the directory must be
 writable only by the service's own user.
@@ -34,6 +34,7 @@ import jax
 from jax.experimental.serialize_executable import deserialize_and_load, serialize
 
 from raytwin.modelcode import ModelCodeError, code_digest
+from raytwin.sim.cpu import backend_cpu_count
 
 log = logging.getLogger("raytwin.executables")
 
@@ -93,6 +94,7 @@ def _environment() -> str:
         f"raytwin {source.hexdigest()}", f"jax {jax.__version__} jaxlib {jax.lib.__version__}",
         f"backend {backend.platform} {backend.platform_version}",
         f"devices {sorted({d.device_kind for d in jax.devices()})}", f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')}",
+        f"loops split for {backend_cpu_count()} CPUs",
         *installed])
 
 

@@ -112,6 +112,21 @@ def test_an_entry_written_for_another_key_is_not_used(tmp_path):
     assert again.lowered == 1
 
 
+def test_an_entry_made_by_a_backend_sized_for_other_cpus_is_not_used(tmp_path, monkeypatch):
+    """XLA compiles its loops' split across the backend's CPUs into the executable (a one-CPU shard's kernel has
+    none); JAX's own cache key leaves that out, the store's does not."""
+    StoredKernel(_Counting(_kernel), "k", tmp_path)(*ARGS)
+    sized_for = executables.backend_cpu_count()
+    monkeypatch.setattr(executables, "backend_cpu_count", lambda: sized_for + 1)
+    executables._environment.cache_clear()
+    try:
+        other = _Counting(_kernel)
+        StoredKernel(other, "k", tmp_path)(*ARGS)
+    finally:
+        executables._environment.cache_clear()
+    assert other.lowered == 1 and len(list(tmp_path.glob("*.xla"))) == 2
+
+
 def test_a_kernel_that_calls_back_into_python_is_remembered_as_not_storable(tmp_path):
     x = np.arange(4.0, dtype=np.float32)
     first = _Counting(_callback_kernel)

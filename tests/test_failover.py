@@ -350,7 +350,7 @@ def test_shard_processes_keep_compiled_kernels_in_the_configured_cache(monkeypat
     monkeypatch.delenv("RAYTWIN_EXECUTABLES_DIR", raising=False)
     monkeypatch.setenv("RAYTWIN_JAX_CACHE_DIR", str(tmp_path))
     env = compilation_cache({"runtime_env": {"env_vars": {"JAX_PLATFORMS": "cpu"}}})["runtime_env"]["env_vars"]
-    assert env == {"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path),
+    assert env == {"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla-1-cpu"),
                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                    "RAYTWIN_EXECUTABLES_DIR": str(tmp_path / "raytwin-executables")}
     monkeypatch.setenv("RAYTWIN_EXECUTABLES_DIR", "")  # serialized kernels off, JAX's cache on

@@ -230,7 +230,7 @@ ROOT = str(Path(__file__).resolve().parents[1])
 _BACKEND_PROBE = """
 import json, os, sys
 import jax, jax.numpy as jnp
-from raytwin.sim.cpu import start_single_core_backend
+from raytwin.sim.cpu import backend_cpu_count, start_single_core_backend
 if sys.argv[1] == "single":
     start_single_core_backend()
 elif sys.argv[1] == "shard":  # a twin shard's process, as Ray starts it
@@ -244,7 +244,7 @@ masks = set()
 for tid in os.listdir("/proc/self/task"):
     masks.add(tuple(sorted(os.sched_getaffinity(int(tid)))))
 print(json.dumps({"split": "outer_dimension_partitions" in hlo, "masks": sorted(masks),
-                  "cpus": sorted(os.sched_getaffinity(0))}))
+                  "cpus": sorted(os.sched_getaffinity(0)), "backend_cpus": backend_cpu_count()}))
 """
 
 
@@ -266,13 +266,15 @@ def test_single_core_backend_stops_xla_splitting_loops_and_leaves_every_thread_a
     default, single = _probe_backend("default"), _probe_backend("single")
     assert default["split"] and not single["split"]
     assert single["masks"] == [single["cpus"]]
+    # what keeps executables apart (`raytwin.executables`, the shards' JAX cache folder): the split is in them
+    assert (default["backend_cpus"], single["backend_cpus"]) == (len(default["cpus"]), 1)
 
 
 @MULTI_CPU_LINUX
 def test_a_twin_shard_process_runs_its_kernels_on_one_core_and_leaves_every_thread_all_cpus():
     """A shard owns one core: its filter dispatches are not split across threads (`TwinShardProcess`)."""
     shard = _probe_backend("shard")
-    assert not shard["split"]
+    assert not shard["split"] and shard["backend_cpus"] == 1
     assert shard["masks"] == [shard["cpus"]]
 
 

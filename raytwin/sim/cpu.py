@@ -25,6 +25,7 @@ from functools import cache, wraps
 from typing import Any
 
 import jax
+from jax._src import xla_bridge  # no public call tells whether the backends have started
 
 CPU_ONLY_ENV = {"JAX_PLATFORMS": "cpu"}
 """Environment of the Ray workers that run JAX on a CPU by design (twin shards, API replicas,
@@ -79,13 +80,15 @@ def start_single_core_backend() -> None:
     work on any of them. Once per process; has no effect where the backends already run (their
     pools exist) or where the OS has no per-thread affinity (outside Linux).
     """
-    if not hasattr(os, "sched_setaffinity") or not os.path.isdir(_THREADS):
+    global _sized_for_one_cpu
+    if not hasattr(os, "sched_setaffinity") or not os.path.isdir(_THREADS) or xla_bridge.backends_are_initialized():
         return
     cpus = os.sched_getaffinity(0)
     before = set(os.listdir(_THREADS))
     os.sched_setaffinity(0, {min(cpus)})
     try:
         jax.devices()
+        _sized_for_one_cpu = True
     finally:
         os.sched_setaffinity(0, cpus)
         for tid in set(os.listdir(_THREADS)) - before:
@@ -94,3 +97,17 @@ def start_single_core_backend() -> None:
 
 
 _THREADS = "/proc/self/task"
+_sized_for_one_cpu = False
+
+
+def backend_cpu_count() -> int:
+    """How many CPUs this process's XLA CPU backend splits its loops for: 1 where `start_single_core_backend`
+    started it, else the CPUs this process may run on now (XLA's default, which it reads as its backend starts).
+
+    XLA compiles that split into every executable and JAX's persistent cache does not key on it: an
+    executable made by a backend of another size runs, split as that one was. So whatever keeps compiled
+    executables across processes keeps them apart by this count (`raytwin.executables`, the shards' cache
+    folder in `actors.failover`)."""
+    if _sized_for_one_cpu:
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
