@@ -369,13 +369,15 @@ def rerun(
     runs: RunsOption = "./runs",
 ) -> None:
     """Re-execute a recorded run and show whether its outputs are identical (bit for bit)."""
-    from sweeps.runs import RunError
+    from sweeps.runs import RunError, RunStore
     from sweeps.runs import rerun as do_rerun
 
     _setup_logging()
     importable_working_directory()
     try:
-        report = do_rerun(run_id, runs=runs)
+        RunStore(runs).load(run_id)  # a mistyped id is said before Ray starts
+        with _sigterm_recorded():  # Ray's start failure in one line, SIGTERM recorded as for `sweep run`
+            report = do_rerun(run_id, runs=runs)
     except (RunError, ValueError) as exc:  # a spec or input that no longer resolves (CalibrationError, ...)
         raise typer.BadParameter(f"{run_id}: {exc}") from None
     if report.code_version_then != report.code_version_now:

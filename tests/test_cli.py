@@ -226,6 +226,25 @@ def test_a_local_ray_that_times_out_starting_is_one_line_for_a_sweep_too(tmp_pat
     assert not list((tmp_path / "runs").glob("*/run.json"))  # nothing ran, nothing recorded
 
 
+def test_a_rerun_whose_local_ray_times_out_starting_is_one_line(tmp_path, monkeypatch):
+    """`raytwin rerun` printed Ray's start timeout as a traceback after `sweep run` and `calibrate run` said it in one
+    line; a run id that is not recorded is still said without starting Ray."""
+    import sweeps.runner
+    from tests.fixtures_serve import saved_run
+
+    def timed_out() -> None:
+        raise Exception("The current node timed out during startup.")
+
+    monkeypatch.setattr(sweeps.runner, "ensure_ray", timed_out)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    saved_run(tmp_path / "runs", "calibration-1", {"fit.json": b"{}"})
+    result = CliRunner().invoke(app, ["rerun", "calibration-1", "--runs", str(tmp_path / "runs")])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.startswith("error: the local Ray did not start: The current node timed out during startup.")
+    missing = CliRunner().invoke(app, ["rerun", "calibration-2", "--runs", str(tmp_path / "runs")])
+    assert missing.exit_code == 2 and "calibration-2" in _said(missing) and "did not start" not in missing.output
+
+
 def test_sweep_run_refuses_more_scenario_steps_than_max_work_up_front(tmp_path):
     """1,000 scenarios x 1e7 steps ran 88 s with no estimate: the scenario count alone passed the guard."""
     dims = [{"name": "a1", "target": "param", "mode": "scale", "low": 0.9, "high": 1.1}]
