@@ -11,7 +11,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -184,6 +184,7 @@ class Connectors:
         self.twins = StateStore(router.store_url, router.storage_options)
         self.ledger = CommandLedger(router.store_url, router.storage_options)
         self._down: dict[tuple[str, str], _Down] = {}
+        self._answered: dict[tuple[str, str], ConnectorStatus] = {}  # each one's last status (`statuses`)
         self._held: _Down | None = None  # why no call starts an actor any more (`hold`)
         # a start, `hold` and a delete's beginning: none starts an actor after `hold` returned, nor once a delete of its
         # connector began (none of them calls another while holding it)
@@ -203,6 +204,7 @@ class Connectors:
         if key := spec.session_key():
             self.store.claim(key, spec.tenant, spec.name)
         self._kill(spec.tenant, spec.name)
+        self._answered.pop((spec.tenant, spec.name), None)  # (a new declaration's figures start anew)
         self.store.save(spec, credentials or Credentials())
         if replaced and replaced.session_key() not in (None, key):  # its old client id: ended and passed on
             self._let_go(replaced, previous)
@@ -365,13 +367,61 @@ class Connectors:
         """Its actor's status; for a declaration whose actor cannot start, a status saying why (so that it
         can still be seen among the tenant's connectors, and deleted)."""
         try:
-            return self._ask(tenant, name, "status")
+            status = self._ask(tenant, name, "status")
         except ConnectorDown as exc:
-            return ConnectorStatus(
-                tenant=tenant, name=name, kind=self.spec(tenant, name).kind, state=ConnectorState.down,
-                connected=False, messages=0, acknowledged=0, pending=0, accepted=0, duplicates=0, rejected=0,
-                dead_lettered=0, errors=1, last_error=f"cannot start: {exc.why}", last_error_at=exc.since,
-                lag_s=None, newest_event_time=None, event_age_s=None)
+            return self._not_running(tenant, name, ConnectorState.down, f"cannot start: {exc.why}", exc.since)
+        self._answered[(tenant, name)] = status
+        return status
+
+    def statuses(self, tenant: str, names: Sequence[str]) -> dict[str, ConnectorStatus]:
+        """`status` of each of the connectors `names` still declared (one deleted meanwhile is left out), asked of
+        their actors at once and waited for within one `ANSWER_S`: one that leaves it unanswered is listed
+        `unanswered`, saying why. Asked one by one, each waited its own `ANSWER_S` and the first hung connector
+        failed the whole listing (503)."""
+        out: dict[str, ConnectorStatus] = {}
+        asked: dict[str, tuple[Any, ray.ObjectRef]] = {}
+        for name in names:
+            try:
+                handle = self._handle(tenant, name)
+            except UnknownConnector:
+                continue
+            except ConnectorDown as exc:
+                out[name] = self._not_running(tenant, name, ConnectorState.down, f"cannot start: {exc.why}",
+                                              exc.since)
+            else:
+                asked[name] = handle, handle.status.remote()
+        refs = [ref for _, ref in asked.values()]
+        answered = set(ray.wait(refs, num_returns=len(refs), timeout=ANSWER_S)[0]) if refs else set()
+        for name, (handle, ref) in asked.items():
+            if ref not in answered:
+                why = str(unanswered(handle, name, "its status"))
+                out[name] = self._not_running(tenant, name, ConnectorState.unanswered, why, datetime.now(UTC),
+                                              self._answered.get((tenant, name)))
+                continue
+            try:
+                out[name] = self._answered[(tenant, name)] = ray.get(ref)
+            except ray.exceptions.ActorDiedError as exc:
+                failed = self._failed(tenant, name, exc)
+                if isinstance(failed, ConnectorDown):
+                    out[name] = self._not_running(tenant, name, ConnectorState.down, f"cannot start: {failed.why}",
+                                                  failed.since)
+            else:
+                self._up(tenant, name)
+        return {name: out[name] for name in names if name in out}
+
+    def _not_running(self, tenant: str, name: str, state: ConnectorState, why: str, since: datetime,
+                     last: ConnectorStatus | None = None) -> ConnectorStatus:
+        """The status of a connector whose process does not answer, in `state` for `why`, so that it can still be
+        seen among the tenant's connectors, and deleted: the figures of `last` (its last answered status), else
+        zeros."""
+        if last is not None:
+            return last.model_copy(update={"state": state, "connected": False, "errors": last.errors + 1,
+                                           "last_error": why, "last_error_at": since, "draining": False})
+        return ConnectorStatus(
+            tenant=tenant, name=name, kind=self.spec(tenant, name).kind, state=state,
+            connected=False, messages=0, acknowledged=0, pending=0, accepted=0, duplicates=0, rejected=0,
+            dead_lettered=0, errors=1, last_error=why, last_error_at=since,
+            lag_s=None, newest_event_time=None, event_age_s=None)
 
     def spec(self, tenant: str, name: str) -> ConnectorSpec:
         """The declaration (never the credentials), a tenant's files by the names it gave."""
@@ -398,6 +448,7 @@ class Connectors:
         finally:
             self._deleting.discard((tenant, name))
         self._up(tenant, name)
+        self._answered.pop((tenant, name), None)
         self._let_go(spec, credentials)
 
     def _let_go(self, spec: ConnectorSpec, credentials: Credentials | None) -> None:

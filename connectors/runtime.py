@@ -84,7 +84,8 @@ class _Answer:
 
 
 class ConnectorState(StrEnum):
-    """What a connector does: its declared state (running, paused) while its process runs, else `down`."""
+    """What a connector does: its declared state (running, paused) while its process runs, else `down`
+    (or `unanswered`, in a listing, while its process does not answer)."""
 
     running = "running"
     paused = "paused"
@@ -93,6 +94,11 @@ class ConnectorState(StrEnum):
     was declared refuses it (an MQTT `ack_topic` or route matching a command topic), or it cannot start (its
     files gone), or the service lost its store to another and starts no connector (`Connectors.hold`);
     `last_error` says why. Declared again (or the policy changed and the service restarted), it runs."""
+    unanswered = "unanswered"
+    """Its process left a listing's status call unanswered within `connectors.manager.ANSWER_S` (30 s): it is
+    stopped, hung, unreachable or restarting; `last_error` says which, and the other figures are the last it
+    answered (none: zeros). A listing asks every connector at once, so one such connector delays it by that
+    deadline at most and fails no other's status."""
 
 
 class ConnectorStatus(BaseModel):

@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, suppress
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -211,12 +211,10 @@ class ConnectorOps:
         return {"connectors": statuses, "next_cursor": next_cursor}
 
     def _statuses(self, tenant: str, names: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """The statuses of the connectors `names` that still exist (one deleted since it was listed is left out)."""
-        out = {}
-        for name in names:
-            with suppress(UnknownConnector):
-                out[name] = self.connectors.status(tenant, name).model_dump(mode="json")
-        return out
+        """The statuses of the connectors `names` that still exist (one deleted since it was listed is left out),
+        asked at once: one whose process does not answer is listed `unanswered` (`Connectors.statuses`)."""
+        statuses = self.connectors.statuses(tenant, names)
+        return {name: status.model_dump(mode="json") for name, status in statuses.items()}
 
     @_api_errors
     def pause(self, tenant: str, name: str) -> dict[str, Any]:

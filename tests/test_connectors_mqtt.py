@@ -765,6 +765,42 @@ def test_a_deleted_connector_leaves_no_session_at_the_broker(twins, connectors, 
     assert sessions == [False]  # the broker kept nothing for the deleted connector
 
 
+def test_a_listing_asks_every_connector_at_once_and_lists_one_that_does_not_answer_as_unanswered(
+        twins, connectors, broker, plant, monkeypatch):
+    """A hung connector process held the tenant's listing for `ANSWER_S` (30 s) and then failed it (503) for every
+    connector: the statuses are asked at once, and one left unanswered is listed `unanswered`, saying why, with the
+    figures it last answered; the others are listed as they are."""
+    import signal
+
+    from actors.failover import actor_worker
+    from connectors import manager as manager_module
+    from connectors.runtime import ConnectorState
+
+    connectors.create(plant_spec(broker.port, name="stuck", ack_topic=None,
+                                 routes=[{"topic": "stuck/pump-4/telemetry", "asset_id": "pump-4", "payload": PAYLOAD}]))
+    try:
+        wait_for(lambda: connectors.status("acme", "stuck").connected, "connected")
+        monkeypatch.setattr(manager_module, "ANSWER_S", 1.0)  # (the stopped process answers no deadline)
+        monkeypatch.setattr(manager_module, "PROBE_S", 0.2)
+        before = connectors.statuses("acme", ["stuck"])["stuck"]
+        _, pid = actor_worker(ray.get_actor(actor_name("acme", "stuck"), namespace=twins.router.namespace))
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            listed = connectors.statuses("acme", ["plant", "stuck", "never-declared"])
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert list(listed) == ["plant", "stuck"]  # (in the order asked; one not declared is left out)
+        assert listed["plant"].state is ConnectorState.running and listed["plant"].connected
+        stuck = listed["stuck"]
+        assert stuck.state is ConnectorState.unanswered and not stuck.connected
+        assert stuck.last_error.endswith("it is not answering at all: its process is stopped, hung or unreachable")
+        assert (stuck.messages, stuck.errors) == (before.messages, before.errors + 1)
+        wait_for(lambda: connectors.statuses("acme", ["stuck"])["stuck"].state is ConnectorState.running,
+                 "the resumed process answers its status again")
+    finally:
+        connectors.delete("acme", "stuck")
+
+
 def test_paused_connector_gets_what_was_published_meanwhile(twins, connectors, broker, plant):
     start = twins.state("acme", "pump-4").revision
     paused = connectors.pause("acme", "plant")
