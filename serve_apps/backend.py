@@ -31,6 +31,7 @@ from ray import serve
 
 from actors.lease import ray_cluster
 from actors.retype import RetypeFailed
+from actors.service import ShardUnanswered
 from actors.state import TwinState, UnknownTwin
 from connectors.manager import connector_tenants, stop_connector_actors
 from raytwin import metrics
@@ -1219,8 +1220,11 @@ def record_lost_catalog_changes(changes: ChangeLog, catalog: Catalog, tenant: st
     from the catalog, the source of truth, as the change its record names (`Catalog.written_as`): an asset's
     `asset.created`, `asset.updated` (also a record from before it was named) or `asset.deleted`, a type's
     `asset_type.created` or `asset_type.deleted`; then finish the deletes (`unregister` each deleted asset's twin,
-    which a crash between the log and the twin left registered) and remove their tombstones. Its number left without
-    a change (the log only continued after it) read as changes deleted by the retention to every stream behind it:
+    which a crash between the log and the twin left registered) and remove their tombstones; a delete whose twin's
+    shard leaves the unregister unanswered (`ShardUnanswered`: hung) keeps its tombstone for the next start or a
+    retry of the delete, and the backend starts (it raised, and a hung shard kept the whole service down). Its number
+    left without a change (the log only continued after it) read as changes deleted by the retention to every stream
+    behind it:
     410 `gone`, a resync of everything, and the change never sent."""
     head = changes.head(tenant)
     live = [(revision, kind, key) for (t, kind, key), revision in catalog.revisions.items() if t == tenant]
@@ -1231,7 +1235,12 @@ def record_lost_catalog_changes(changes: ChangeLog, catalog: Catalog, tenant: st
         log.info("event=catalog_change_recovered tenant=%s %s=%s revision=%d", tenant, kind, key, revision)
     for _, kind, key in deleted:
         if kind == "assets":
-            unregister(tenant, key)
+            try:
+                unregister(tenant, key)
+            except ShardUnanswered as exc:
+                log.warning("event=deleted_twin_unregister_deferred tenant=%s asset=%s error=%r: its tombstone stays "
+                            "until the next start or a retry of the delete", tenant, key, str(exc))
+                continue
         catalog.forget_deleted(tenant, kind, key)
 
 

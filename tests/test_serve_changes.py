@@ -352,6 +352,36 @@ def test_lost_catalog_changes_are_recovered_as_the_create_update_or_delete_they_
     assert Catalog(str(store)).tombstones == {} and reloaded.tombstones == {}
 
 
+def test_a_delete_whose_twins_shard_hangs_at_start_keeps_its_tombstone_and_the_backend_starts(tmp_path, caplog):
+    """A crash between a delete's change and its twin's unregistration is finished by the next backend's start; a
+    shard that left that unregister unanswered (hung) raised there and kept the whole service from starting. The
+    delete now waits, its tombstone kept, for the next start (or a retry of the delete), which finishes it."""
+    from concurrent.futures import Future
+
+    from actors.service import ShardUnanswered
+    from serve_apps.backend import record_lost_catalog_changes
+
+    log, catalog = ChangeLog(str(tmp_path / "changes")), Catalog(str(tmp_path / "catalog"))
+    thermal = AssetType.from_model(THERMAL_RC)
+    log.write("acme", lambda seq: catalog.put_type("acme", thermal, seq) and [{"kind": "asset_type.created"}])
+    for name in ("gone", "stuck"):
+        asset = Asset(id=name, tenant="acme", type_name=thermal.name, type_version=thermal.version)
+        log.write("acme", lambda seq: catalog.create_asset(asset, seq) and [_asset_change("asset.created", asset)])
+        log.write("acme", lambda seq: [_asset_change("asset.deleted", catalog.delete_asset("acme", name, seq))])
+
+    def hung_for_stuck(tenant: str, asset_id: str) -> None:
+        if asset_id == "stuck":
+            raise ShardUnanswered("twin shard 0 left the unregister unanswered within 3 s", Future())
+
+    with caplog.at_level("WARNING", logger="raytwin.serve"):
+        record_lost_catalog_changes(log, catalog, "acme", hung_for_stuck)
+    assert list(catalog.tombstones) == [("acme", "assets", "stuck")]  # gone's delete finished
+    assert "event=deleted_twin_unregister_deferred tenant=acme asset=stuck" in caplog.text
+    unregistered: list[tuple[str, str]] = []
+    record_lost_catalog_changes(log, Catalog(str(tmp_path / "catalog")), "acme", lambda *twin: unregistered.append(twin))
+    assert unregistered == [("acme", "stuck")] and Catalog(str(tmp_path / "catalog")).tombstones == {}
+
+
 def _deleting_backend(tmp_path: Path, unregister) -> tuple:
     """(a `Backend` with what `delete_asset` uses, over the catalog and change log under `tmp_path`, with asset zone
     created; the twins it ended moves of): its twins' `unregister` is `unregister`."""
