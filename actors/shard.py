@@ -236,7 +236,7 @@ class TwinShard(LiveModelOps):
         shadowed = self.shadows.resume(self.twins)  # after the twins: a shadow catches up from the log
         metrics.TWINS.set(len(self.twins), **self.tags)
         metrics.TWINS_DRIFTING.set(len(self.drifting), **self.tags)
-        metrics.SHARD_STARTED.set(time.time(), shard=self.tag)  # a new value per restart: a crash loop's count
+        metrics.SHARD_STARTED.set(time.time(), **self.tags)  # a new value per restart: a crash loop's count
         # exported at 0 now: a burst that creates a series would not show in `rate()` (`Metric.zero`)
         metrics.TWIN_EVENTS.zero(*({**self.tags, "outcome": o} for o in TWIN_OUTCOMES))
         metrics.zero_dead_letters("shard")

@@ -342,7 +342,8 @@ STALE_READS = counter("raytwin_stale_reads", "Twin states answered from the twin
                       "its shard was restarting or left a call unanswered past its deadline, by read (state: one "
                       "twin; query: asset queries).", "read")
 SHARD_STARTED = gauge("raytwin_shard_started_timestamp_seconds", "When this twin shard process finished starting "
-                      "(recovering its twins) [Unix s]: a new value per restart, so `changes()` counts a crash loop.",
+                      "(recovering its twins) [Unix s]: a new value per restart, so `changes()` counts a crash loop; "
+                      "by service, as shard 0 of every service on a cluster is one shard index.", *SERVICE_TAGS,
                       "shard")
 SHARDS_CONFIGURED = gauge("raytwin_shards_configured", "Twin shards the service is configured with (`twin_shards`), "
                           "exported by the API backend: `raytwin status` counts the shards reporting against it, as "
