@@ -70,7 +70,6 @@ from raytwin.contracts import Identifier
 
 log = logging.getLogger("raytwin.connectors")
 _IDENTIFIER = TypeAdapter(Identifier)
-PUBLISH_TIMEOUT_S = 10.0
 PAUSE_DRAIN_S = 10.0
 """How long a pause (or stop) waits for the messages it has handed over to be acknowledged, and for the broker to have
 read those acknowledgements, before it disconnects: a batch is durable in tens of ms; a sink that fails for longer (a
@@ -220,6 +219,9 @@ class BrokerSettings(FrozenSpec):
         "MQTT 3.1.1 has no such field: raise the broker's own limit (Mosquitto: max_inflight_messages)")
     reconnect_min_s: Annotated[int, Field(ge=1)] = 1
     reconnect_max_s: Annotated[int, Field(ge=1)] = 30
+    confirm_s: Annotated[float, Field(gt=0, le=20)] = Field(
+        10.0, description="how long a command's PUBLISH waits for the broker's confirmation before it is recorded "
+        "`sent` with the detail `unconfirmed: ...` (at most 20 s: an approval answers within the manager's 30 s)")
     tls: TlsSettings | None = None
 
 
@@ -761,13 +763,13 @@ class MqttAdapter:
                 props.ResponseTopic = response
         info = self.client.publish(route.command_topic.format(asset_id=command.asset_id), json.dumps(body), qos=1,
                                    properties=props)
-        info.wait_for_publish(PUBLISH_TIMEOUT_S)
+        info.wait_for_publish(self.spec.broker.confirm_s)
         if (refusal := self._refusals.pop(info.mid, None)) is not None:  # acknowledged, and not accepted
             raise PermissionError(f"broker {self._where()} refused the command: {refusal} (its ACL for this "
                                   "client id and the command topic)")
         if not info.is_published():
-            raise Unconfirmed(f"broker {self._where()} did not confirm the command within {PUBLISH_TIMEOUT_S:g} s "
-                              "(the client keeps it and may still deliver it; assets must ignore a correlation id "
+            raise Unconfirmed(f"broker {self._where()} did not confirm the command within "
+                              f"{self.spec.broker.confirm_s:g} s (the client keeps it and may still deliver it; assets must ignore a correlation id "
                               "they have executed)")
 
 

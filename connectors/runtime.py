@@ -339,7 +339,7 @@ class ConnectorRuntime:
         """Approve a proposed command of this connector's tenant and send it: the approval (the one decision) and the
         claim are persisted before anything is sent, and a claimed command is never sent again. One the source
         did not confirm in time (`Unconfirmed`) is recorded as sent, with the reason: it may still arrive, and
-        the asset's answer is recorded when it does. The send (MQTT: up to `PUBLISH_TIMEOUT_S` for the broker's
+        the asset's answer is recorded when it does. The send (MQTT: up to `broker.confirm_s` for the broker's
         confirmation) runs outside the command lock: held, it stopped the client's network thread at the first answer
         to arrive meanwhile (`_on_ack`), which then could not read the very confirmation awaited. Such an answer is
         kept and recorded once the send's outcome is (`_sent`)."""
