@@ -310,7 +310,8 @@ def test_a_restarted_connector_that_never_connected_reports_no_lost_session(twin
     """A process restarted before the connector's first connection found a predecessor and reported `kept no session`
     on connecting: there had never been a session to keep."""
     port = free_port()
-    connectors.create(plant_spec(port, protocol="3.1.1", name="newborn", ack_topic=None))
+    spec = plant_spec(port, protocol="3.1.1", name="newborn", ack_topic=None)
+    connectors.create({**spec, "broker": {**spec["broker"], "reconnect_max_s": 1}})  # connects once it can, not 2 s on
     late = Mosquitto(tmp_path, port)
     try:
         wait_for(lambda: "refused the TCP" in (connectors.status("acme", "newborn").last_error or ""), "not connected")
@@ -347,8 +348,8 @@ def _first_error(broker: dict, credentials: Credentials = Credentials()) -> str:
     from connectors.mqtt import MQTT
 
     spec = MqttSpec.model_validate(plant_spec(1, name="probe", broker={**plant_spec(1)["broker"], **broker}))
-    adapter = MQTT.adapter(spec, credentials, lambda inbound: None, lambda *ack: None)
-    adapter.start()
+    adapter = retrying_at_once(MQTT.adapter(spec, credentials, lambda inbound: None, lambda *ack: None))
+    adapter.start()  # (its stop waits out the retry's delay, in paho's steps of up to 1 s)
     try:
         return wait_for(lambda: adapter.last_error, "the connection's failure reported")
     finally:
@@ -1674,8 +1675,9 @@ def test_an_answer_given_up_while_the_pump_is_full_waits_for_room_outside_the_co
 
 
 def test_a_command_the_broker_confirms_late_is_sent_unconfirmed_and_its_ack_still_counts(twins, connectors, tmp_path):
-    """A frozen broker did not confirm the PUBLISH in 10 s: the command was recorded failed, "not sent", then
-    delivered and executed anyway, and the asset's ok was thrown away (the record stayed failed)."""
+    """A frozen broker did not confirm the PUBLISH in time: the command was recorded failed, "not sent", then
+    delivered and executed anyway, and the asset's ok was thrown away (the record stayed failed). (`confirm_s` 1:
+    the broker is stopped, so it confirms nothing however long the wait.)"""
     import os
     import signal
 
@@ -1683,7 +1685,8 @@ def test_a_command_the_broker_confirms_late_is_sent_unconfirmed_and_its_ack_stil
     frozen.start()
     device = None
     try:
-        connectors.create(plant_spec(frozen.port, name="slow"))
+        spec = plant_spec(frozen.port, name="slow")
+        connectors.create({**spec, "broker": {**spec["broker"], "confirm_s": 1}})
         wait_for(lambda: connectors.status("acme", "slow").connected, "connected")
         device = Publisher(frozen.port, answer=True)
         device.listen("plant/+/cmd")
@@ -1694,7 +1697,8 @@ def test_a_command_the_broker_confirms_late_is_sent_unconfirmed_and_its_ack_stil
         finally:
             os.kill(frozen.process.pid, signal.SIGCONT)
         assert approved.status is CommandStatus.sent
-        assert approved.history[-1].detail.startswith(f"unconfirmed: broker 127.0.0.1:{frozen.port} did not confirm")
+        assert approved.history[-1].detail.startswith(
+            f"unconfirmed: broker 127.0.0.1:{frozen.port} did not confirm the command within 1 s")
         done = wait_for(lambda: (c := connectors.command("acme", proposed.id)).status is CommandStatus.acknowledged
                         and c, "the late command's acknowledgement recorded")
         assert done.ack["correlation_id"] == proposed.correlation_id and len(device.received) == 1
@@ -1703,6 +1707,17 @@ def test_a_command_the_broker_confirms_late_is_sent_unconfirmed_and_its_ack_stil
             device.close()
         connectors.delete("acme", "slow")
         frozen.stop()
+
+
+def test_a_commands_wait_for_the_brokers_confirmation_ends_before_the_approval_is_given_up():
+    """`broker.confirm_s` past 20 s would outlast the manager's wait for the approval (`ANSWER_S`): the approver
+    would get "outcome unknown" for a command only waiting for its broker."""
+    from connectors.manager import ANSWER_S
+
+    spec = plant_spec(1)
+    assert MqttSpec.model_validate({**spec, "broker": {**spec["broker"], "confirm_s": 20}}).broker.confirm_s < ANSWER_S
+    with pytest.raises(ValidationError, match="confirm_s"):
+        MqttSpec.model_validate({**spec, "broker": {**spec["broker"], "confirm_s": 20.5}})
 
 
 def test_a_command_the_broker_refuses_is_failed_not_sent(twins, connectors, tmp_path):
