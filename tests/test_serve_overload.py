@@ -232,11 +232,13 @@ def test_shards_behind_get_429_then_the_gate_refuses_with_503_and_nothing_accept
 def test_a_hung_shard_is_read_stale_and_refuses_telemetry_until_it_answers_then_nothing_is_lost(service):
     """A shard alive to Ray but answering nothing (SIGSTOP: a frozen process) held every request to its twins
     without end, each holding an admission slot: a few of them and the replica refused everything, health
-    included. Now a call it leaves unanswered past its deadline opens its breaker in the replica."""
+    included. Now a call it leaves unanswered past its deadline opens its breaker in the replica. (Health and
+    readiness, not gated, are asked while the telemetry waits: each waits for the shard on its own deadline.)"""
     http, config = service
     post = lambda start: http.post("/v1/assets/zone-1/telemetry", json=_events(start))  # noqa: E731
     applied = http.get("/v1/assets/zone-1/state").json()["events_applied"]
-    with stopped_shard(config):
+    with ThreadPoolExecutor(2) as pool, stopped_shard(config):
+        health, ready = pool.submit(http.get, "/v1/health"), pool.submit(http.get, "/v1/health/ready")
         late = post(100)  # waits out shard_write_timeout_s
         assert late.status_code == 503 and late.headers["retry-after"] == "2", late.text
         error = late.json()["error"]
@@ -252,9 +254,9 @@ def test_a_hung_shard_is_read_stale_and_refuses_telemetry_until_it_answers_then_
             "inputs": {n: {"kind": "constant", "value": 0.0, "unit": "W"} for n in ("Q_h", "Q_sol")}
             | {"T_out": {"kind": "constant", "value": 5.0, "unit": "degC"}}})
         assert what_if.status_code == 503 and "its live state is not known" in what_if.json()["error"]["message"]
-        health = http.get("/v1/health")  # alive; its twin count waits for no hung shard
+        health = health.result()  # alive; its twin count left unanswered (shard_read_timeout_s)
         assert health.status_code == 200 and health.json()["status"] == "degraded", health.text
-        ready = http.get("/v1/health/ready")  # its only shard answers no probe: out of the load balancer
+        ready = ready.result()  # its only shard answers no probe: out of the load balancer
         assert ready.status_code == 503 and ready.json()["status"] == "unavailable", ready.text
         assert "no twin shard answers" in ready.json()["reason"], ready.text  # (the shards', not the store's)
     for _ in range(600):  # the held batch is applied when the shard answers, which closes the breaker
