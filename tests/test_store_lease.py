@@ -34,13 +34,16 @@ from tests.test_twins import (  # noqa: F401 (a fixture)
 TWINS = [f"m{i}" for i in range(6)]
 
 
-def test_reshard_refuses_a_store_a_live_service_serves(ray_session, tmp_path, artifact):
+def test_reshard_refuses_a_store_a_live_service_serves(ray_session, tmp_path, artifact, monkeypatch):
     """The runbook's `raytwin twins reshard` took a live service's store at once: every write that service took
-    then failed (500 `internal`, until someone restarted it)."""
+    then failed (500 `internal`, until someone restarted it). (The reshard, in this process, watches the heartbeat
+    for 4 s, not 6: still two of the shard's 2 s renewals, and it refuses only after seeing one.)"""
     from typer.testing import CliRunner
 
     from actors.cli import twins_app
 
+    monkeypatch.setattr(lease, "EXPIRY_S", 4.0)
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.1)  # how often this process reads it
     url = str(tmp_path / "store")
     live = TwinService(url, shards=1, **TWIN_OPTS)
     try:
