@@ -1127,16 +1127,22 @@ def test_an_idle_stream_wakes_to_check_its_key_and_ends_with_an_error_event(tmp_
     assert "event=stream_ended_by_auth stream=change_stream" in caplog.text
 
 
-def test_a_revoked_key_ends_its_open_change_stream_over_http_and_the_sdk_raises(tmp_path, caplog):
+def test_a_revoked_key_ends_its_open_change_stream_over_http_and_the_sdk_raises(tmp_path, monkeypatch, caplog):
     """An outside tester's find: a key revoked while its stream was open kept receiving its tenant's changes for as
     long as the stream stayed open (`/v1/health` with it answered 401 at once). Now no change reaches it later than
-    `STREAM_AUTH_RECHECK_S` after the revocation, though another key keeps changing the tenant; the stream ends
-    with an `error` event of the 401 a new request gets, logged and audited; the SDK raises it, not reconnecting."""
+    `STREAM_AUTH_RECHECK_S` (1 s here, not 2: each stream waits it out) after the revocation, though another key
+    keeps changing the tenant; the stream ends with an `error` event of the 401 a new request gets, logged and
+    audited; the SDK raises it, not reconnecting."""
+    import functools
+
+    import serve_apps.deps as deps
     from client import RayTwinClient
     from client.errors import Unauthorized
     from tests.fixtures_http import served
     from tests.fixtures_serve import in_process_app
 
+    recheck_s = 1.0
+    monkeypatch.setattr(deps, "StreamCredential", functools.partial(StreamCredential, recheck_s=recheck_s))
     backend = ChangeLogBackend(ChangeLog(str(tmp_path / "changes")))
     app, auth = in_process_app(backend, tmp_path)
     svc = app.state.services
@@ -1169,7 +1175,7 @@ def test_a_revoked_key_ends_its_open_change_stream_over_http_and_the_sdk_raises(
                     after = []
                     for at, event in events:  # until it ends, or long past the bound (without the check: forever)
                         after.append((at, event))
-                        if at - revoked > 3 * STREAM_AUTH_RECHECK_S:
+                        if at - revoked > 3 * recheck_s:
                             break
                 request_id = stream.headers["x-raytwin-request-id"]
                 with RayTwinClient(base, keys["writer"]) as sdk:
@@ -1179,7 +1185,7 @@ def test_a_revoked_key_ends_its_open_change_stream_over_http_and_the_sdk_raises(
                     sdk_revoked = time.monotonic()
                     with pytest.raises(Unauthorized, match="revoked .* while this stream was open") as raised:
                         for _ in follow:
-                            if time.monotonic() - sdk_revoked > 3 * STREAM_AUTH_RECHECK_S:
+                            if time.monotonic() - sdk_revoked > 3 * recheck_s:
                                 break
                     sdk_took = time.monotonic() - sdk_revoked
         finally:
@@ -1188,11 +1194,11 @@ def test_a_revoked_key_ends_its_open_change_stream_over_http_and_the_sdk_raises(
     *delivered, (ended, end) = after
     assert end["event"] == "error" and end["data"]["status"] == 401
     assert end["data"]["error"]["code"] == "unauthorized" and end["data"]["error"]["request_id"] == request_id
-    assert ended - revoked < STREAM_AUTH_RECHECK_S + slack_s
-    assert all(at - revoked < STREAM_AUTH_RECHECK_S + slack_s for at, _ in delivered)
+    assert ended - revoked < recheck_s + slack_s
+    assert all(at - revoked < recheck_s + slack_s for at, _ in delivered)
     last = max([int(e["id"].split("-")[0]) for _, e in delivered] or [0])
     assert backend.log.head("acme") > last + 5  # changes went on after the stream's last one, and did not reach it
-    assert raised.value.status == 401 and sdk_took < STREAM_AUTH_RECHECK_S + slack_s
+    assert raised.value.status == 401 and sdk_took < recheck_s + slack_s
     ends = [r for r in svc.audit.records("acme") if r.action == "change_stream.end"]
     assert sorted(r.key_id for r in ends) == sorted([key_ids["reader"], key_ids["writer"]])
     assert all((r.details["http_status"], r.details["code"]) == (401, "unauthorized") for r in ends)
