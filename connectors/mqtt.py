@@ -769,8 +769,8 @@ class MqttAdapter:
                                   "client id and the command topic)")
         if not info.is_published():
             raise Unconfirmed(f"broker {self._where()} did not confirm the command within "
-                              f"{self.spec.broker.confirm_s:g} s (the client keeps it and may still deliver it; assets must ignore a correlation id "
-                              "they have executed)")
+                              f"{self.spec.broker.confirm_s:g} s (the client keeps it and may still deliver it; assets "
+                              "must ignore a correlation id they have executed)")
 
 
 def _unusable_ack(why: str) -> str:
