@@ -202,12 +202,13 @@ def _quiesce(pids: list[int], busy_cores: float = 0.1, timeout_s: float = 60.0) 
 
 
 def measure(quick: bool, rounds: int) -> dict[str, Any]:
-    """Run in the server's interpreter: every (rate, path) load `rounds` times, interleaved."""
-    from ray import serve
+    """Run in the server's interpreter: every (rate, path) load `rounds` times, interleaved. A quick run does not
+    quiesce between runs: its rate never overloads the server (its check: every query answered), so nothing drains."""
+    import ray
 
     from sweeps.runner import ensure_ray
 
-    ensure_ray()
+    ensure_ray()  # a local Ray of this process's own (`serve_latency` leaves RAY_ADDRESS out of its environment)
     rates = QUICK_RATES if quick else RATES
     duration = QUICK_DURATION_S if quick else DURATION_S
     with tempfile.TemporaryDirectory(prefix="raytwin-bench-serve-") as tmp:
@@ -232,9 +233,12 @@ def measure(quick: bool, rounds: int) -> dict[str, Any]:
                             spent[name] += seconds
                         runs.setdefault((path, rate), []).append(load)
                         load_avg.append(os.getloadavg()[0])
-                        _quiesce([pids["proxy"], pids["ingress"]])
+                        if not quick:
+                            _quiesce([pids["proxy"], pids["ingress"]])
         finally:
-            serve.shutdown()
+            # Ray's end takes Serve, its HAProxy and the shard with it, without `serve.shutdown()`'s graceful stop of
+            # each replica (seconds spent waiting for requests that no longer come), and before `tmp` goes
+            ray.shutdown()
     out = []
     for (path, rate), loads in runs.items():
         load = LoadResult.combine(loads)
@@ -269,12 +273,9 @@ def serve_latency(ctx: BenchContext) -> BenchResult:
     from serve_apps.serve_env import haproxy_environment
 
     # HAProxy mode (it implies direct ingress) keeps Serve's Python proxy up as HAProxy's fallback, so one
-    # server has all three paths, set up as `raytwin serve --haproxy` sets it (the app on the replica's loop);
-    # the replica's drain at `serve.shutdown()` (at least 30 s by default with direct ingress) only delays the
-    # benchmark's end: nothing is in flight by then
+    # server has all three paths, set up as `raytwin serve --haproxy` sets it (the app on the replica's loop)
     env = {**subprocess_env_without("RAY_ADDRESS", THROUGHPUT_OPTIMIZED_ENV), **haproxy_environment(),
-           **haproxy_ports_env(),
-           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+           **haproxy_ports_env()}
     rounds = 1 if ctx.quick else ROUNDS
     code = (f"import json; from benchmarks.serve_api import measure, RESULT_PREFIX; "
             f"print(RESULT_PREFIX + json.dumps(measure({ctx.quick!r}, {rounds})))")
