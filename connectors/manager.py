@@ -369,7 +369,7 @@ class Connectors:
         try:
             status = self._ask(tenant, name, "status")
         except ConnectorDown as exc:
-            return self._not_running(tenant, name, ConnectorState.down, f"cannot start: {exc.why}", exc.since)
+            return self._cannot_start(tenant, name, exc)
         self._answered[(tenant, name)] = status
         return status
 
@@ -386,8 +386,7 @@ class Connectors:
             except UnknownConnector:
                 continue
             except ConnectorDown as exc:
-                out[name] = self._not_running(tenant, name, ConnectorState.down, f"cannot start: {exc.why}",
-                                              exc.since)
+                out[name] = self._cannot_start(tenant, name, exc)
             else:
                 asked[name] = handle, handle.status.remote()
         refs = [ref for _, ref in asked.values()]
@@ -403,11 +402,14 @@ class Connectors:
             except ray.exceptions.ActorDiedError as exc:
                 failed = self._failed(tenant, name, exc)
                 if isinstance(failed, ConnectorDown):
-                    out[name] = self._not_running(tenant, name, ConnectorState.down, f"cannot start: {failed.why}",
-                                                  failed.since)
+                    out[name] = self._cannot_start(tenant, name, failed)
             else:
                 self._up(tenant, name)
         return {name: out[name] for name in names if name in out}
+
+    def _cannot_start(self, tenant: str, name: str, down: ConnectorDown) -> ConnectorStatus:
+        """The status of a declared connector whose actor cannot start (`down`), saying why."""
+        return self._not_running(tenant, name, ConnectorState.down, f"cannot start: {down.why}", down.since)
 
     def _not_running(self, tenant: str, name: str, state: ConnectorState, why: str, since: datetime,
                      last: ConnectorStatus | None = None) -> ConnectorStatus:

@@ -11,10 +11,10 @@ entry is used only under the same key: the kernel's identity (`kernel_identity`:
 model's code identity from `raytwin.modelcode` and the model object's value), RayTwin's own source,
 the installed distributions and their versions, the JAX and jaxlib versions, the backend and its
 devices, ``XLA_FLAGS``, the CPU count the backend splits loops for (`raytwin.sim.cpu.backend_cpu_count`),
-and per call the static arguments and the argument shapes and dtypes. A model whose traced code depends on anything else (a file it reads, an environment variable, local code
-outside its own package and outside any installed distribution) must not use the store: leave
-`DIR_ENV` unset for its processes. Entries hold native code, like JAX's cache: the directory must be
-writable only by the service's own user.
+and per call the static arguments and the argument shapes and dtypes. A model whose traced code depends on
+anything else (a file it reads, an environment variable, local code outside its own package and outside any
+installed distribution) must not use the store: leave `DIR_ENV` unset for its processes. Entries hold native
+code, like JAX's cache: the directory must be writable only by the service's own user.
 """
 
 from __future__ import annotations

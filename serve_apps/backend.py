@@ -1224,8 +1224,7 @@ def record_lost_catalog_changes(changes: ChangeLog, catalog: Catalog, tenant: st
     shard leaves the unregister unanswered (`ShardUnanswered`: hung) keeps its tombstone for the next start or a
     retry of the delete, and the backend starts (it raised, and a hung shard kept the whole service down). Its number
     left without a change (the log only continued after it) read as changes deleted by the retention to every stream
-    behind it:
-    410 `gone`, a resync of everything, and the change never sent."""
+    behind it: 410 `gone`, a resync of everything, and the change never sent."""
     head = changes.head(tenant)
     live = [(revision, kind, key) for (t, kind, key), revision in catalog.revisions.items() if t == tenant]
     deleted = [(revision, kind, key) for (t, kind, key), (revision, _) in catalog.tombstones.items() if t == tenant]
